@@ -1,0 +1,28 @@
+# voicebridge — every target sets itself up: a fresh machine needs only Python 3.11+ and make.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+
+.PHONY: demo test run check bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m voicebridge.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+run: $(STAMP)
+	$(PY) -m voicebridge --config config.toml
+
+check: $(STAMP)
+	$(PY) -m voicebridge --config config.toml --check
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

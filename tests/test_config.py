@@ -1,0 +1,64 @@
+"""Configuration: the shipped file loads, env overrides apply, errors name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from voicebridge.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+OK_ENV = {"VOICEBRIDGE_TOKEN": "t0k"}
+
+
+def test_shipped_config_loads():
+    cfg, secrets = load_config(ROOT / "config.toml", env=OK_ENV)
+    assert cfg.server.path == "/voicebridge" and cfg.openai.model == "gpt-realtime"
+    assert cfg.audio.format_preference[0] == "raw/lpcm16_24"
+    assert secrets.token == "t0k" and "t0k" not in repr(secrets)
+
+
+def test_env_overrides_are_typed():
+    env = {**OK_ENV, "VOICEBRIDGE_SERVER_PORT": "9001", "VOICEBRIDGE_OPENAI_MODEL": "gpt-realtime-mini",
+           "VOICEBRIDGE_OPENAI_VAD_THRESHOLD": "0.7",
+           "VOICEBRIDGE_AUDIO_FORMAT_PREFERENCE": '["raw/mulaw"]'}
+    cfg, _ = load_config(ROOT / "config.toml", env=env)
+    assert cfg.server.port == 9001 and cfg.openai.model == "gpt-realtime-mini"
+    assert cfg.openai.vad.threshold == 0.7 and cfg.audio.format_preference == ["raw/mulaw"]
+
+
+@pytest.mark.parametrize("toml, env, key", [
+    ("[server]\nport = 70000\n", OK_ENV, "server.port"),
+    ("[server]\nprot = 1\n", OK_ENV, "server"),
+    ("[server]\nport = 'x'\n", OK_ENV, "server.port"),
+    ("[audio]\nformat_preference = ['raw/opus']\n", OK_ENV, "audio.format_preference"),
+    ("[audio]\nvaic_stop_policy = 'maybe'\n", OK_ENV, "audio.vaic_stop_policy"),
+    ("[openai]\nprovider = 'azure'\n", OK_ENV, "openai.azure_endpoint"),
+    ("[openai]\nurl = 'wss://x/v1/realtime?model=a'\n", OK_ENV, "openai.url"),
+    ("[openai]\nclose_timeout_s = 5\n", OK_ENV, "openai.close_timeout_s"),
+    ("[openai.vad]\nthreshold = 2\n", OK_ENV, "openai.vad.threshold"),
+    ("[server]\ntoken = 'abc'\n", OK_ENV, "server.token"),
+    ("", {}, "server.allow_unauthenticated"),
+    ("", {**OK_ENV, "VOICEBRIDGE_NOPE_X": "1"}, "VOICEBRIDGE_NOPE_X"),
+    ("[server\n", OK_ENV, "not valid TOML"),
+])
+def test_invalid_config_names_the_key(tmp_path, toml, env, key):
+    f = tmp_path / "c.toml"
+    f.write_text(toml)
+    with pytest.raises(ConfigError) as e:
+        load_config(f, env=env)
+    assert key in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml", env=OK_ENV)
+
+
+def test_cli_check_reports_bad_config(tmp_path, capsys):
+    from voicebridge.__main__ import main
+    f = tmp_path / "c.toml"
+    f.write_text("[server]\nport = -1\n")
+    assert main(["--config", str(f)]) == 2
+    assert "server.port" in capsys.readouterr().err

@@ -1,0 +1,42 @@
+"""CLI: `voicebridge --config config.toml` (or `python -m voicebridge`): load config, run on uvloop."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import uvloop
+
+from . import __version__
+from .config import ConfigError, load_config
+from .log import get_logger, setup
+from .server import Bridge
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="voicebridge", description=(
+        "AudioCodes VoiceAI Connect (Bot API, WebSocket mode) <-> OpenAI Realtime bridge. "
+        "Secrets come from the environment: VOICEBRIDGE_TOKEN, OPENAI_API_KEY, AZURE_OPENAI_API_KEY."))
+    ap.add_argument("--config", default="config.toml", help="path to config.toml (default: %(default)s)")
+    ap.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    ap.add_argument("--version", action="version", version=f"voicebridge {__version__}")
+    args = ap.parse_args(argv)
+    try:
+        cfg, secrets = load_config(args.config)
+    except ConfigError as e:
+        print(f"voicebridge: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    setup(cfg.log.level)
+    if cfg.openai.provider == "openai" and not secrets.openai_api_key:
+        get_logger().warning("config.no_openai_key", hint="set OPENAI_API_KEY; calls will fail to connect")
+    if cfg.openai.provider == "azure" and not secrets.azure_api_key:
+        get_logger().warning("config.no_azure_key", hint="set AZURE_OPENAI_API_KEY; calls will fail to connect")
+    if args.check:
+        print("configuration OK")
+        return 0
+    uvloop.run(Bridge(cfg, secrets).serve_forever())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

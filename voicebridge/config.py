@@ -1,0 +1,232 @@
+"""Configuration: `config.toml` + environment overrides, validated once at start.
+
+Contract:
+- Non-secret settings live in the TOML file. Any of them can be overridden by an environment
+  variable `VOICEBRIDGE_<SECTION>_<KEY>` (e.g. `VOICEBRIDGE_SERVER_PORT=9000`); the value is
+  parsed as TOML when possible (numbers, booleans, arrays) and as a plain string otherwise.
+- Secrets are read from the environment only, never from the file: `VOICEBRIDGE_TOKEN` (the
+  bearer token VoiceAI Connect presents), `OPENAI_API_KEY`, `AZURE_OPENAI_API_KEY`. A secret key
+  found in the file is a configuration error, so a token cannot end up committed to git.
+- Any problem raises `ConfigError` whose message names the offending key (`server.port`, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import msgspec
+
+from .audio import FORMATS
+
+SECRET_ENV = ("VOICEBRIDGE_TOKEN", "OPENAI_API_KEY", "AZURE_OPENAI_API_KEY")
+_SECRET_KEYS = {"token", "api_key", "apikey", "key", "secret", "password"}
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key and what is wrong."""
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    host: str = "0.0.0.0"
+    port: int = 8080
+    path: str = "/voicebridge"
+    allow_unauthenticated: bool = False
+    max_message_bytes: int = 4 * 1024 * 1024
+    ping_interval_s: float = 20.0
+
+
+class VadConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    type: Literal["server_vad", "semantic_vad", "none"] = "server_vad"
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 400
+    eagerness: Literal["low", "medium", "high", "auto"] = "auto"
+    create_response: bool = True
+    interrupt_response: bool = True
+
+
+class OpenAIConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    provider: Literal["openai", "azure"] = "openai"
+    url: str = "wss://api.openai.com/v1/realtime"
+    model: str = "gpt-realtime"
+    azure_endpoint: str = ""
+    azure_deployment: str = ""
+    connect_timeout_s: float = 5.0
+    close_timeout_s: float = 1.0
+    max_message_bytes: int = 16 * 1024 * 1024
+    voice: str = "marin"
+    instructions: str = "You are a helpful phone assistant. Keep answers short."
+    greeting: str = ""
+    transcription_model: str = ""
+    noise_reduction: Literal["", "near_field", "far_field"] = ""
+    vad: VadConfig = msgspec.field(default_factory=VadConfig)
+
+
+class AudioConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    format_preference: list[str] = msgspec.field(
+        default_factory=lambda: [
+            "raw/lpcm16_24", "raw/mulaw", "wav/lpcm16_24", "wav/mulaw",
+            "raw/lpcm16", "wav/lpcm16", "raw/lpcm16_8", "wav/lpcm16_8",
+        ]
+    )
+    playout_lead_ms: int = 200
+    max_chunk_ms: int = 100
+    vaic_stop_policy: Literal["flush", "drain"] = "flush"
+    max_pending_audio_ms: int = 180_000
+    early_audio_max_ms: int = 10_000
+
+
+class CallConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    start_wait_ms: int = 1500
+    hangup_grace_s: float = 5.0
+
+
+class LogConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    openai: OpenAIConfig = msgspec.field(default_factory=OpenAIConfig)
+    audio: AudioConfig = msgspec.field(default_factory=AudioConfig)
+    call: CallConfig = msgspec.field(default_factory=CallConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+
+class Secrets(msgspec.Struct, frozen=True):
+    """Secrets from the environment. `repr` never shows their values."""
+
+    token: str = ""
+    openai_api_key: str = ""
+    azure_api_key: str = ""
+
+    def __repr__(self) -> str:
+        return (f"Secrets(token={'set' if self.token else 'unset'}, "
+                f"openai_api_key={'set' if self.openai_api_key else 'unset'}, "
+                f"azure_api_key={'set' if self.azure_api_key else 'unset'})")
+
+
+def _path_of(err: msgspec.ValidationError) -> str:
+    text = str(err)
+    if " - at `$." in text:
+        msg, _, path = text.partition(" - at `$.")
+        return f"{path.rstrip('`')}: {msg}"
+    return text
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    sections = {f.name: f.type for f in msgspec.structs.fields(Config)}
+    for name, value in env.items():
+        if not name.startswith("VOICEBRIDGE_") or name in SECRET_ENV:
+            continue
+        rest = name[len("VOICEBRIDGE_"):].lower()
+        for section in sections:
+            if rest.startswith(section + "_"):
+                key = rest[len(section) + 1:]
+                target = raw.setdefault(section, {})
+                if not isinstance(target, dict):
+                    raise ConfigError(f"{section}: must be a table")
+                if section == "openai" and key.startswith("vad_"):
+                    target = target.setdefault("vad", {})
+                    key = key[4:]
+                try:
+                    parsed: Any = tomllib.loads(f"v = {value}")["v"]
+                except tomllib.TOMLDecodeError:
+                    parsed = value
+                target[key] = parsed
+                break
+        else:
+            raise ConfigError(f"{name}: no such configuration section (environment override)")
+
+
+def _find_secret_keys(raw: Mapping[str, Any], prefix: str = "") -> None:
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key.lower() in _SECRET_KEYS:
+            raise ConfigError(f"{path}: secrets are not read from the config file; "
+                              f"set {', '.join(SECRET_ENV)} in the environment instead")
+        if isinstance(value, dict):
+            _find_secret_keys(value, path + ".")
+
+
+def _check(cfg: Config, secrets: Secrets) -> None:
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {why}")
+
+    s, o, a = cfg.server, cfg.openai, cfg.audio
+    need(0 <= s.port <= 65535, "server.port", f"must be 0..65535, got {s.port}")
+    need(s.path.startswith("/"), "server.path", f"must start with '/', got {s.path!r}")
+    need(s.path != "/health", "server.path", "'/health' is reserved")
+    need(s.max_message_bytes >= 65536, "server.max_message_bytes", "must be at least 65536")
+    need(s.allow_unauthenticated or bool(secrets.token), "server.allow_unauthenticated",
+         "VOICEBRIDGE_TOKEN is not set; set it, or set allow_unauthenticated = true explicitly")
+    need(o.connect_timeout_s > 0, "openai.connect_timeout_s", "must be > 0")
+    need(0 < o.close_timeout_s <= 1.0, "openai.close_timeout_s",
+         "must be in (0, 1]: an open Realtime session is billed")
+    need(o.max_message_bytes >= 1024 * 1024, "openai.max_message_bytes", "must be at least 1 MiB")
+    need(bool(o.model), "openai.model", "must not be empty")
+    if o.provider == "azure":
+        need(o.azure_endpoint.startswith(("wss://", "ws://")), "openai.azure_endpoint",
+             "must be wss://<resource>.openai.azure.com when provider = 'azure'")
+        need(bool(o.azure_deployment), "openai.azure_deployment",
+             "must name the deployment when provider = 'azure'")
+    else:
+        need(o.url.startswith(("wss://", "ws://")), "openai.url", "must be a ws:// or wss:// URL")
+        need("?" not in o.url, "openai.url", "must not carry a query; the model goes in openai.model")
+    need(0.0 <= o.vad.threshold <= 1.0, "openai.vad.threshold", "must be within 0..1")
+    need(o.vad.silence_duration_ms >= 0, "openai.vad.silence_duration_ms", "must be >= 0")
+    need(bool(a.format_preference), "audio.format_preference", "must list at least one format")
+    for f in a.format_preference:
+        need(f in FORMATS, "audio.format_preference",
+             f"unknown format {f!r}; known: {', '.join(sorted(FORMATS))}")
+    need(20 <= a.playout_lead_ms <= 2000, "audio.playout_lead_ms", "must be within 20..2000")
+    need(10 <= a.max_chunk_ms <= 1000, "audio.max_chunk_ms", "must be within 10..1000")
+    need(a.max_pending_audio_ms >= 10_000, "audio.max_pending_audio_ms", "must be >= 10000")
+    need(a.early_audio_max_ms >= 1000, "audio.early_audio_max_ms", "must be >= 1000")
+    need(cfg.call.hangup_grace_s > 0, "call.hangup_grace_s", "must be > 0")
+    need(cfg.call.start_wait_ms >= 0, "call.start_wait_ms", "must be >= 0")
+
+
+def load_secrets(env: Mapping[str, str] | None = None) -> Secrets:
+    env = os.environ if env is None else env
+    return Secrets(token=env.get("VOICEBRIDGE_TOKEN", ""),
+                   openai_api_key=env.get("OPENAI_API_KEY", ""),
+                   azure_api_key=env.get("AZURE_OPENAI_API_KEY", ""))
+
+
+def load_config(path: str | Path | None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> tuple[Config, Secrets]:
+    """Read, merge and validate. `overrides` (tests, demo) is a nested dict applied last."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    _find_secret_keys(raw)
+    _apply_env(raw, env)
+    for section, values in (overrides or {}).items():
+        if isinstance(values, dict):
+            tgt = raw.setdefault(section, {})
+            for k, v in values.items():
+                if isinstance(v, dict):
+                    tgt.setdefault(k, {}).update(v)
+                else:
+                    tgt[k] = v
+        else:
+            raw[section] = values
+    try:
+        cfg = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as e:
+        raise ConfigError(_path_of(e)) from None
+    secrets = load_secrets(env)
+    _check(cfg, secrets)
+    return cfg, secrets

@@ -1,0 +1,249 @@
+"""OpenAI Realtime API, GA interface: the events the bridge sends and the ones it reads.
+
+Sans-I/O. `decode_server(frame)` does one `msgspec` decode into a tagged union of the server
+events the bridge acts on; any other server event type decodes into `OtherEvent` without
+raising. Client events are built here; `append_template()` gives the prefix/suffix of an
+`input_audio_buffer.append` frame so the caller's base64 audio is forwarded as is.
+
+Shapes follow ../shared/protocols/openai-realtime.md (GA: `session.type = "realtime"`,
+`audio.input/output.format`, `response.output_audio.delta`, ...); tests validate every event the
+bridge sends against the `openai` SDK's own types.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+from urllib.parse import quote
+
+import msgspec
+
+from .config import Config, Secrets
+
+# ----------------------------------------------------------------------------- server -> client
+
+
+class _Ev(msgspec.Struct, tag_field="type"):
+    pass
+
+
+class ErrorDetail(msgspec.Struct):
+    type: str | None = None
+    code: str | None = None
+    message: str | None = None
+    param: str | None = None
+    event_id: str | None = None
+
+
+class ErrorEvent(_Ev, tag="error"):
+    error: ErrorDetail = msgspec.field(default_factory=ErrorDetail)
+
+
+class SessionCreated(_Ev, tag="session.created"):
+    session: dict[str, Any] = {}
+
+
+class SessionUpdated(_Ev, tag="session.updated"):
+    session: dict[str, Any] = {}
+
+
+class SpeechStartedEv(_Ev, tag="input_audio_buffer.speech_started"):
+    audio_start_ms: int = 0
+    item_id: str = ""
+
+
+class SpeechStoppedEv(_Ev, tag="input_audio_buffer.speech_stopped"):
+    audio_end_ms: int = 0
+    item_id: str = ""
+
+
+class Committed(_Ev, tag="input_audio_buffer.committed"):
+    item_id: str = ""
+
+
+class ResponseRef(msgspec.Struct):
+    id: str = ""
+    status: str | None = None
+    status_details: dict[str, Any] | None = None
+
+
+class ResponseCreated(_Ev, tag="response.created"):
+    response: ResponseRef = msgspec.field(default_factory=ResponseRef)
+
+
+class ResponseDone(_Ev, tag="response.done"):
+    response: ResponseRef = msgspec.field(default_factory=ResponseRef)
+
+
+class AudioDelta(_Ev, tag="response.output_audio.delta"):
+    delta: str = ""
+    response_id: str = ""
+    item_id: str = ""
+    content_index: int = 0
+
+
+class AudioDone(_Ev, tag="response.output_audio.done"):
+    response_id: str = ""
+    item_id: str = ""
+
+
+class TranscriptDone(_Ev, tag="response.output_audio_transcript.done"):
+    response_id: str = ""
+    item_id: str = ""
+    transcript: str = ""
+
+
+class InputTranscriptCompleted(_Ev, tag="conversation.item.input_audio_transcription.completed"):
+    item_id: str = ""
+    transcript: str = ""
+
+
+class Truncated(_Ev, tag="conversation.item.truncated"):
+    item_id: str = ""
+    audio_end_ms: int = 0
+
+
+# Server events the bridge reads but does not act on: decoded to an empty struct (no raise).
+_PASSIVE = (
+    "rate_limits.updated", "conversation.item.added", "conversation.item.done",
+    "conversation.item.created", "response.output_item.added", "response.output_item.done",
+    "response.content_part.added", "response.content_part.done",
+    "response.output_audio_transcript.delta", "response.output_text.delta",
+    "response.output_text.done", "response.function_call_arguments.delta",
+    "response.function_call_arguments.done", "input_audio_buffer.cleared",
+    "conversation.item.input_audio_transcription.delta",
+    "conversation.item.input_audio_transcription.failed", "conversation.item.deleted",
+    "conversation.item.retrieved", "input_audio_buffer.timeout_triggered",
+)
+_passive_structs = tuple(
+    msgspec.defstruct(f"Passive{i}", [], bases=(_Ev,), tag=name) for i, name in enumerate(_PASSIVE)
+)
+
+ServerEvent = Union[(AudioDelta, SpeechStartedEv, SpeechStoppedEv, Committed, ResponseCreated,  # type: ignore[valid-type]
+                     ResponseDone, AudioDone, TranscriptDone, InputTranscriptCompleted, Truncated,
+                     ErrorEvent, SessionCreated, SessionUpdated, *_passive_structs)]
+_decoder = msgspec.json.Decoder(ServerEvent)
+
+
+class OtherEvent(msgspec.Struct):
+    """A server event type this bridge does not know (new API versions add them)."""
+    type: Any = None
+
+
+class BadEvent(msgspec.Struct):
+    reason: str
+
+
+_other_decoder = msgspec.json.Decoder(OtherEvent)
+
+
+def decode_server(frame: str | bytes) -> Any:
+    """One server frame -> one event struct; OtherEvent / BadEvent instead of raising."""
+    try:
+        return _decoder.decode(frame)
+    except msgspec.DecodeError as e:
+        try:
+            return _other_decoder.decode(frame)
+        except msgspec.DecodeError:
+            return BadEvent(str(e)[:160])
+
+
+# ----------------------------------------------------------------------------- errors
+
+BENIGN_ERROR_CODES = frozenset({
+    "conversation_already_has_active_response",
+    "response_cancel_not_active",
+    "input_audio_buffer_commit_empty",
+})
+FATAL_ERROR_CODES = frozenset({
+    "session_expired", "invalid_api_key", "insufficient_quota", "invalid_intent",
+    "model_not_found", "session_not_found",
+})
+
+
+def classify_error(code: str | None) -> str:
+    """'benign' (log, go on), 'fatal' (end the call) or 'warning' (log loudly, go on).
+
+    The Realtime API keeps the session open after most errors, so unknown codes are not fatal;
+    a really fatal condition is followed by the server closing the socket, which ends the call."""
+    if code in BENIGN_ERROR_CODES:
+        return "benign"
+    if code in FATAL_ERROR_CODES:
+        return "fatal"
+    return "warning"
+
+
+# ----------------------------------------------------------------------------- client events
+
+_encoder = msgspec.json.Encoder()
+
+
+def append_template() -> tuple[str, str]:
+    """Prefix/suffix of `{"type":"input_audio_buffer.append","audio":"<b64>"}`."""
+    return '{"type":"input_audio_buffer.append","audio":"', '"}'
+
+
+def session_update(cfg: Config, input_format: dict[str, Any], output_format: dict[str, Any],
+                   instructions: str) -> str:
+    o = cfg.openai
+    vad = o.vad
+    turn: dict[str, Any] | None
+    if vad.type == "none":
+        turn = None
+    elif vad.type == "server_vad":
+        turn = {"type": "server_vad", "threshold": vad.threshold,
+                "prefix_padding_ms": vad.prefix_padding_ms,
+                "silence_duration_ms": vad.silence_duration_ms,
+                "create_response": vad.create_response,
+                "interrupt_response": vad.interrupt_response}
+    else:
+        turn = {"type": "semantic_vad", "eagerness": vad.eagerness,
+                "create_response": vad.create_response,
+                "interrupt_response": vad.interrupt_response}
+    audio_in: dict[str, Any] = {"format": input_format, "turn_detection": turn}
+    if o.transcription_model:
+        audio_in["transcription"] = {"model": o.transcription_model}
+    if o.noise_reduction:
+        audio_in["noise_reduction"] = {"type": o.noise_reduction}
+    session = {
+        "type": "realtime",
+        "instructions": instructions,
+        "output_modalities": ["audio"],
+        "audio": {"input": audio_in, "output": {"format": output_format, "voice": o.voice}},
+    }
+    return _encoder.encode({"type": "session.update", "session": session}).decode()
+
+
+def instructions_update(instructions: str) -> str:
+    """A later session.update that only changes the instructions (after the `start` activity)."""
+    return _encoder.encode({"type": "session.update",
+                            "session": {"type": "realtime", "instructions": instructions}}).decode()
+
+
+def response_create(instructions: str) -> str:
+    return _encoder.encode({"type": "response.create",
+                            "response": {"instructions": instructions}}).decode()
+
+
+def response_cancel() -> str:
+    return '{"type":"response.cancel"}'
+
+
+def truncate(item_id: str, audio_end_ms: int) -> str:
+    return _encoder.encode({"type": "conversation.item.truncate", "item_id": item_id,
+                            "content_index": 0, "audio_end_ms": audio_end_ms}).decode()
+
+
+# ----------------------------------------------------------------------------- connection target
+
+
+def target(cfg: Config, secrets: Secrets) -> tuple[str, dict[str, str]]:
+    """URL and headers for the upstream socket. GA only: never an `OpenAI-Beta` header.
+
+    OpenAI: `<url>?model=<model>` with `Authorization: Bearer $OPENAI_API_KEY`.
+    Azure GA: `<endpoint>/openai/v1/realtime?model=<deployment>` with `api-key`
+    (no api-version: the GA endpoint answers 401 to one)."""
+    o = cfg.openai
+    if o.provider == "azure":
+        url = f"{o.azure_endpoint.rstrip('/')}/openai/v1/realtime?model={quote(o.azure_deployment)}"
+        return url, {"api-key": secrets.azure_api_key}
+    return f"{o.url}?model={quote(o.model)}", {"Authorization": f"Bearer {secrets.openai_api_key}"}
