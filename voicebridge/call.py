@@ -27,7 +27,8 @@ import msgspec
 
 from . import audiocodes as ac
 from . import realtime as rt
-from .audio import NoCommonFormat, Negotiated, make_transcoder, ms_of_b64, negotiate
+from .audio import (WAV_HEADER_ON_PLAY_START, NoCommonFormat, Negotiated, make_transcoder,
+                    ms_of_b64, negotiate, wav_header)
 from .config import Config, Secrets
 from .log import get_logger
 from .playout import CHUNK, Playout, Taken, piece_chars, split_b64
@@ -90,7 +91,7 @@ class Call:
         self._tc: Any = None
         self._app_prefix, self._app_suffix = rt.append_template()
         self.playout = Playout(cfg.audio.playout_lead_ms, cfg.audio.max_pending_audio_ms,
-                               cfg.audio.vaic_stop_policy)
+                               cfg.audio.vaic_stop_policy, cfg.audio.stop_margin_ms)
         self._wake = asyncio.Event()
         self._pacer_timer: asyncio.TimerHandle | None = None
         self._draining = False
@@ -102,6 +103,7 @@ class Call:
         self._item_oai_ms: dict[str, float] = {}
         self._last_pushed_item = ""
         self._piece_chars = 0
+        self._wav_header_ms = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -165,6 +167,8 @@ class Call:
         self._tc = make_transcoder(neg)
         self.format = neg.ac.name
         self._piece_chars = piece_chars(self.cfg.audio.max_chunk_ms, neg.ac.bytes_per_ms)
+        if neg.ac.container == "wav" and WAV_HEADER_ON_PLAY_START:
+            self._wav_header_ms = len(wav_header(neg.ac)) / neg.ac.bytes_per_ms
         # Dial OpenAI at once, in parallel with answering VAIC.
         self._up_task = asyncio.create_task(self._upstream(), name=f"upstream-{self.call_id}")
         self._pacer_task = asyncio.create_task(self._pacer(), name=f"pacer-{self.call_id}")
@@ -330,8 +334,12 @@ class Call:
         if t is ac.Activities:
             for act in ev.activities:
                 await self._on_activity(act)
+        elif t is ac.UserStreamStop and self._tc is not None and self._up_ready:
+            tail = self._tc.flush_up()  # the resampler's tail of the caller's last words
+            if tail:
+                await self.up.send(self._app_prefix + tail + self._app_suffix)  # type: ignore[union-attr]
         elif t is ac.UserStreamStart or t is ac.UserStreamStop:
-            self.log.debug("call.user_stream", event=type(ev).__struct_config__.tag)
+            self.log.debug("call.user_stream", type=type(ev).__struct_config__.tag)
         else:
             self._note_bad(ev)
         return False
@@ -468,12 +476,20 @@ class Call:
         payload = ev.delta
         if self._tc is not None:
             payload = self._tc.down(payload, first_of_stream=first)
-            if not payload:
-                return
+        self._push_audio(item, payload, first)
+
+    def _push_audio(self, item: str, payload: str, first: bool) -> None:
+        """Queue AudioCodes-format audio for playout, in pieces of at most `max_chunk_ms`."""
+        if not payload:
+            return
+        neg = self._neg
+        assert neg is not None
         bpm = neg.ac.bytes_per_ms
+        header_ms = self._wav_header_ms if first else 0.0
         for piece in split_b64(payload, self._piece_chars):
-            if not self.playout.push_chunk(item, piece, ms_of_b64(piece, bpm)):
-                c.playout_refused += 1
+            if not self.playout.push_chunk(item, piece, ms_of_b64(piece, bpm) - header_ms):
+                self.counters.playout_refused += 1
+            header_ms = 0.0
 
     async def _on_event(self, ev: Any) -> None:
         t = type(ev)
@@ -481,6 +497,8 @@ class Call:
             await self._barge_in()
         elif t is rt.AudioDone:
             if ev.response_id not in self._cancelled:
+                if self._tc is not None:  # the resampler's tail belongs to this item
+                    self._push_audio(ev.item_id, self._tc.flush_down(), False)
                 self.playout.push_end(ev.item_id)
                 await self._drain()
         elif t is rt.ResponseCreated:

@@ -75,6 +75,7 @@ class AudioConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     playout_lead_ms: int = 200
     max_chunk_ms: int = 100
     vaic_stop_policy: Literal["flush", "drain"] = "flush"
+    stop_margin_ms: int = 60
     max_pending_audio_ms: int = 180_000
     early_audio_max_ms: int = 10_000
 
@@ -185,6 +186,7 @@ def _check(cfg: Config, secrets: Secrets) -> None:
              f"unknown format {f!r}; known: {', '.join(sorted(FORMATS))}")
     need(20 <= a.playout_lead_ms <= 2000, "audio.playout_lead_ms", "must be within 20..2000")
     need(10 <= a.max_chunk_ms <= 1000, "audio.max_chunk_ms", "must be within 10..1000")
+    need(0 <= a.stop_margin_ms <= 1000, "audio.stop_margin_ms", "must be within 0..1000")
     need(a.max_pending_audio_ms >= 10_000, "audio.max_pending_audio_ms", "must be >= 10000")
     need(a.early_audio_max_ms >= 1000, "audio.early_audio_max_ms", "must be >= 1000")
     need(cfg.call.hangup_grace_s > 0, "call.hangup_grace_s", "must be > 0")

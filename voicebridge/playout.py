@@ -10,8 +10,9 @@ sent; `heard_ms(now) = sent_ms - max(0, play_end_t - now)`.
 Pacing: a chunk of the open stream may go out when VAIC holds less than `lead_ms` of unplayed
 audio (`play_end_t - now < lead_ms`), so after a barge-in VAIC never has more than the lead (plus
 one chunk) buffered, whatever `playStream.stop` does to buffered audio (undocumented). A stream
-is stopped only once its audio has been played out (`play_end_t`), so a stop never cuts a tail
-even if VAIC flushes on stop; the next item's stream starts after that.
+is stopped only once its audio has been played out (`play_end_t` plus `stop_margin_ms` for the
+network delay by which VAIC runs behind our clock), so a stop never cuts a tail even if VAIC
+flushes on stop; the next item's stream starts after that.
 
 Memory: pending audio is bounded by `max_pending_ms`; beyond it chunks are refused (counted).
 """
@@ -48,11 +49,13 @@ class Interruption(NamedTuple):
 
 
 class Playout:
-    __slots__ = ("lead_s", "max_pending_ms", "drain_on_stop", "pending", "pending_ms",
+    __slots__ = ("lead_s", "stop_margin_s", "max_pending_ms", "drain_on_stop", "pending", "pending_ms",
                  "open_item", "play_end_t", "sent_ms", "refused_chunks", "dropped_ms")
 
-    def __init__(self, lead_ms: float, max_pending_ms: float, stop_policy: str = "flush") -> None:
+    def __init__(self, lead_ms: float, max_pending_ms: float, stop_policy: str = "flush",
+                 stop_margin_ms: float = 0.0) -> None:
         self.lead_s = lead_ms / 1000.0
+        self.stop_margin_s = stop_margin_ms / 1000.0
         self.max_pending_ms = max_pending_ms
         self.drain_on_stop = stop_policy == "drain"
         self.pending: deque[Entry] = deque()
@@ -82,9 +85,11 @@ class Playout:
             return None
         head = self.pending[0]
         if self.open_item is None:
-            return now if head.kind == CHUNK else now
+            return now
         if head.kind == END or head.item_id != self.open_item:
-            return self.play_end_t           # let the open stream finish playing first
+            # let the open stream finish playing first; the margin covers the network delay
+            # by which VAIC's playout runs behind our clock
+            return self.play_end_t + self.stop_margin_s
         return self.play_end_t - self.lead_s
 
     def take(self, now: float) -> Taken:
