@@ -66,8 +66,20 @@ async def running(fake_cfg: FakeOpenAIConfig | None = None,
             yield fake, bridge
         finally:
             await bridge.stop()
+        # every client event the bridge sent in any e2e test must be valid per the openai SDK
+        validate_all_sent(fake)
     finally:
         await fake.stop()
+
+
+def validate_all_sent(fake: FakeRealtimeServer) -> int:
+    from tests.sdk_check import validate_client_event
+    n = 0
+    for session in fake.sessions:
+        for _, event in session.received:
+            validate_client_event(event)
+            n += 1
+    return n
 
 
 def fast_fake(**kw: Any) -> FakeOpenAIConfig:
@@ -93,13 +105,10 @@ async def wait_for(pred, timeout: float = 5.0, step: float = 0.01) -> bool:
 
 
 def assert_events_valid(fake: FakeRealtimeServer) -> int:
-    """Every client event the bridge sent to the fake is a valid GA event per the openai SDK."""
-    from tests.sdk_check import validate_client_event
-    n = 0
+    """Every client event the bridge sent is valid GA per the openai SDK, and the fake server
+    sent no error other than benign or injected ones (e.g. no rejected truncate)."""
+    n = validate_all_sent(fake)
     for session in fake.sessions:
-        for _, event in session.received:
-            validate_client_event(event)
-            n += 1
         assert not any(e.get("error", {}).get("code") not in
                        ("conversation_already_has_active_response", "response_cancel_not_active",
                         "input_audio_buffer_commit_empty", None)
