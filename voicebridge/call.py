@@ -21,6 +21,7 @@ import asyncio
 import math
 import time
 from collections import deque
+from time import perf_counter_ns
 from typing import Any, Awaitable, Callable
 
 import msgspec
@@ -32,6 +33,7 @@ from .audio import (WAV_HEADER_ON_PLAY_START, NoCommonFormat, Negotiated, make_t
 from .config import Config, Secrets
 from .log import get_logger
 from .playout import CHUNK, Playout, Taken, piece_chars, split_b64
+from .stats import Stats
 from .transport import ConnectFailed, Endpoint, EndpointClosed, dial
 
 Dialer = Callable[..., Awaitable[Endpoint]]
@@ -57,8 +59,9 @@ class Call:
     """A call from `session.initiate` to `call.end`. Use: `await Call(...).run()`."""
 
     def __init__(self, ac_end: Endpoint, cfg: Config, secrets: Secrets, *,
-                 dialer: Dialer = dial, call_id: str = "") -> None:
+                 dialer: Dialer = dial, call_id: str = "", stats: Stats | None = None) -> None:
         self.ac = ac_end
+        self.stats = stats if stats is not None else Stats()
         self.cfg = cfg
         self.secrets = secrets
         self._dialer = dialer
@@ -103,6 +106,10 @@ class Call:
         self._item_oai_ms: dict[str, float] = {}
         self._last_pushed_item = ""
         self._piece_chars = 0
+        self._t_initiate_ns = 0
+        self._t_speech_stop_ns = 0      # model TTFA clock: speech stopped -> first delta
+        self._t_first_delta_ns = 0      # turn overhead clock: first delta -> first chunk sent
+        self._last_response = ""        # response whose first delta was seen
         self._wav_header_ms = 0.0
 
     # ------------------------------------------------------------------ lifecycle
@@ -139,6 +146,7 @@ class Call:
             await self._flush_ac()
             t = type(ev)
             if t is ac.SessionInitiate:
+                self._t_initiate_ns = perf_counter_ns()
                 return ev  # type: ignore[return-value]
             if t is ac.Validate:
                 self._set_end("validate", "connection.validate answered")
@@ -146,6 +154,7 @@ class Call:
                 continue
             if t is ac.Rejected:
                 self._set_end("rejected", ev.reason)  # type: ignore[union-attr]
+                self.stats.calls_rejected += 1
                 self.log.warning("call.rejected", reason=ev.reason)  # type: ignore[union-attr]
                 await self._close_ac_after_error()
                 return None
@@ -174,12 +183,15 @@ class Call:
         self._pacer_task = asyncio.create_task(self._pacer(), name=f"pacer-{self.call_id}")
         self.proto.accept(neg.ac.name)
         await self._flush_ac()
+        self.stats.call_setup.record((perf_counter_ns() - self._t_initiate_ns) // 1000)
+        self.stats.calls_total += 1
         self.log.info("call.start", conversation_id=init.conversationId, caller=self.caller,
                       bot=init.botName, offered=offered, format=neg.ac.name,
                       openai_format=neg.openai_format["type"], passthrough=neg.passthrough)
         return True
 
     async def _decline(self, reason: str, offered: list[str]) -> bool:
+        self.stats.calls_rejected += 1
         self.proto.reject(reason)
         await self._flush_ac()
         self._set_end("declined", reason)
@@ -223,6 +235,13 @@ class Call:
         except Exception:
             self.ac.abort()
         c = self.counters
+        st = self.stats
+        reason = self.end_reason or "unknown"
+        st.call_ends[reason] = st.call_ends.get(reason, 0) + 1
+        st.truncates += c.truncates
+        st.barge_ins += c.barge_ins
+        st.late_deltas_dropped += c.late_deltas_dropped
+        st.early_audio_dropped += c.early_dropped
         self.log.info("call.end", reason=self.end_reason or "unknown", detail=self.end_detail,
                       duration_s=round(time.monotonic() - self.started, 3), format=self.format,
                       frames_up=c.frames_up, frames_down=c.frames_down, deltas=c.deltas,
@@ -289,9 +308,12 @@ class Call:
         chunk_t = ac.UserStreamChunk
         prefix, suffix = self._app_prefix, self._app_suffix
         c = self.counters
+        st = self.stats
+        record_up = st.up_forward.record
         tc = self._tc
         while True:
             frame = await recv()
+            t0 = perf_counter_ns()
             ev = receive(frame)
             if type(ev) is chunk_t:
                 c.frames_up += 1
@@ -301,11 +323,13 @@ class Call:
                     if not payload:
                         continue
                 if self._up_ready:
-                    # (issue 4: per-frame forward latency is recorded here)
                     try:
                         await self.up.send(prefix + payload + suffix)  # type: ignore[union-attr]
                     except EndpointClosed:
-                        pass  # the upstream task sees the close and ends the call
+                        continue  # the upstream task sees the close and ends the call
+                    record_up((perf_counter_ns() - t0) // 1000)
+                    st.frames_up += 1
+                    st.bytes_up += len(payload)
                 else:
                     self._buffer_early(payload)
                 continue
@@ -389,14 +413,16 @@ class Call:
         assert self._neg is not None
         url, headers = rt.target(self.cfg, self.secrets)
         o = self.cfg.openai
-        t0 = time.monotonic()
+        t0 = perf_counter_ns()
         try:
             up = await self._dialer(url, headers, timeout_s=o.connect_timeout_s,
                                     max_size=o.max_message_bytes, close_timeout_s=o.close_timeout_s)
         except ConnectFailed as e:
             self._fail("openai_connect_failed", e.reason)
             return
-        self.openai_connect_ms = round((time.monotonic() - t0) * 1000, 1)
+        connect_us = (perf_counter_ns() - t0) // 1000
+        self.stats.openai_connect.record(connect_us)
+        self.openai_connect_ms = round(connect_us / 1000, 1)
         self.up = up
         if self._ending:
             return  # _shutdown closes it
@@ -405,9 +431,12 @@ class Call:
             await up.send(rt.session_update(self.cfg, neg.openai_format, neg.openai_format,
                                             self._instructions()))
             prefix, suffix = self._app_prefix, self._app_suffix
-            while self._early:
+            st = self.stats
+            while self._early:  # forwarded, but not timed: they waited for the connect
                 payload = self._early.popleft()
                 await up.send(prefix + payload + suffix)
+                st.frames_up += 1
+                st.bytes_up += len(payload)
             self._early_ms = 0.0
             self._up_ready = True
             self.log.info("call.upstream_ready", connect_ms=self.openai_connect_ms,
@@ -449,14 +478,29 @@ class Call:
         recv = up.recv
         decode = rt.decode_server
         delta_t = rt.AudioDelta
+        record_down = self.stats.down_forward.record
+        playout = self.playout
         while True:
-            ev = decode(await recv())
+            frame = await recv()
+            t0 = perf_counter_ns()
+            ev = decode(frame)
             if type(ev) is delta_t:
+                if ev.response_id != self._last_response:
+                    self._first_delta_of_response(ev.response_id, t0)
                 self._on_delta(ev)
-                if not self._draining and self.playout.can_send_now(time.monotonic()):
+                if not self._draining and playout.can_send_now(time.monotonic()):
                     await self._drain()
+                    if not playout.pending:  # all of it went out at once (not paced)
+                        record_down((perf_counter_ns() - t0) // 1000)
                 continue
-            await self._on_event(ev)
+            await self._on_event(ev, t0)
+
+    def _first_delta_of_response(self, response_id: str, t0: int) -> None:
+        self._last_response = response_id
+        self._t_first_delta_ns = t0
+        if self._t_speech_stop_ns:
+            self.stats.model_ttfa.record((t0 - self._t_speech_stop_ns) // 1000)
+            self._t_speech_stop_ns = 0
 
     def _on_delta(self, ev: rt.AudioDelta) -> None:
         c = self.counters
@@ -491,10 +535,10 @@ class Call:
                 self.counters.playout_refused += 1
             header_ms = 0.0
 
-    async def _on_event(self, ev: Any) -> None:
+    async def _on_event(self, ev: Any, t0: int) -> None:
         t = type(ev)
         if t is rt.SpeechStartedEv:
-            await self._barge_in()
+            await self._barge_in(t0)
         elif t is rt.AudioDone:
             if ev.response_id not in self._cancelled:
                 if self._tc is not None:  # the resampler's tail belongs to this item
@@ -512,6 +556,7 @@ class Call:
                 self.log.warning("call.response_failed", response_id=rid,
                                  details=ev.response.status_details)
         elif t is rt.SpeechStoppedEv:
+            self._t_speech_stop_ns = t0
             await self.ac.send(ac.encode(ac.SpeechStopped(participant=self.proto.participant)))
         elif t is rt.Committed:
             await self.ac.send(ac.encode(ac.SpeechCommitted(participant=self.proto.participant)))
@@ -535,6 +580,8 @@ class Call:
 
     def _on_error(self, err: rt.ErrorDetail) -> None:
         self.counters.openai_errors += 1
+        code = (err.code or "none")[:64]
+        self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
         kind = rt.classify_error(err.code)
         fields = dict(code=err.code, error_type=err.type, message=(err.message or "")[:200],
                       param=err.param, client_event_id=err.event_id)
@@ -557,7 +604,7 @@ class Call:
         if got != want:
             self._fail("openai_format_mismatch", f"asked for {want}, session says {got}")
 
-    async def _barge_in(self) -> None:
+    async def _barge_in(self, t0: int) -> None:
         """Caller started speaking: stop playout at once, truncate to what was heard."""
         now = time.monotonic()
         self._gen += 1  # any in-flight emit stops before its next frame
@@ -570,6 +617,7 @@ class Call:
         if intr.stream_open and self._stream_id is not None:
             await send(ac.encode(ac.PlayStreamStop(streamId=self._stream_id)))
             self._stream_id = None
+            self.stats.barge_in.record((perf_counter_ns() - t0) // 1000)
         if self._active_response is not None:
             self._cancelled.add(self._active_response)
             if not self.cfg.openai.vad.interrupt_response:
@@ -593,7 +641,7 @@ class Call:
         while True:
             await wake.wait()
             wake.clear()
-            await self._drain()
+            await self._drain(paced=True)
 
     def _arm(self, due: float, now: float) -> None:
         if self._pacer_timer is not None:
@@ -601,7 +649,7 @@ class Call:
         self._pacer_timer = asyncio.get_running_loop().call_later(max(0.0, due - now),
                                                                    self._wake.set)
 
-    async def _drain(self) -> None:
+    async def _drain(self, paced: bool = False) -> None:
         """Send every due playout entry; arm the pacer for the next one. One drainer at a time."""
         if self._draining:
             return
@@ -616,6 +664,8 @@ class Call:
                 if due > now:
                     self._arm(due, now)
                     break
+                if paced:
+                    self.stats.pacer_late.record(int((now - due) * 1_000_000))
                 await self._emit(po.take(now))
         finally:
             self._draining = False
@@ -638,4 +688,11 @@ class Call:
             if gen != self._gen:
                 return
         self.counters.frames_down += 1
-        await send(self._chunk_prefix + tk.entry.payload + self._chunk_suffix)
+        payload = tk.entry.payload
+        await send(self._chunk_prefix + payload + self._chunk_suffix)
+        st = self.stats
+        st.frames_down += 1
+        st.bytes_down += len(payload)
+        if self._t_first_delta_ns:
+            st.turn_overhead.record((perf_counter_ns() - self._t_first_delta_ns) // 1000)
+            self._t_first_delta_ns = 0

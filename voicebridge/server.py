@@ -1,11 +1,12 @@
 """The daemon: accept VAIC websockets, authenticate, serve /health, run one `Call` per socket.
 
 Lifecycle (uvicorn-like, one readable path): `start()` binds; `serve_forever()` installs
-SIGTERM/SIGINT handlers and waits; on a signal `stop()` closes the listening socket and every
+SIGTERM/SIGINT handlers (and SIGUSR1: stats to the log) and waits; on a signal `stop()` closes the listening socket and every
 call (each call closes its OpenAI socket within a second), then returns.
 
 HTTP handling happens in `process_request`, before any websocket exists:
-- `GET /health` -> 200 JSON {status, version, active_calls, uptime_s};
+- `GET /health` -> 200 JSON {status, version, active_calls, uptime_s, calls_total, latency_us};
+- `GET /metrics` -> Prometheus text exposition of the same stats (read at scrape time);
 - any path but `server.path` -> 404;
 - `Authorization: Bearer <VOICEBRIDGE_TOKEN>` checked in constant time -> 401 before the upgrade.
 """
@@ -28,6 +29,8 @@ from . import __version__
 from .call import Call, Dialer
 from .config import Config, Secrets
 from .log import get_logger
+from .metrics import CONTENT_TYPE, prometheus_text
+from .stats import Stats
 from .transport import WsEndpoint, dial
 
 
@@ -47,6 +50,7 @@ class Bridge:
         self.secrets = secrets
         self.dialer = dialer
         self.calls: set[Call] = set()
+        self.stats = Stats()
         self.finished: deque[Call] = deque(maxlen=64)   # recent calls, for tests and diagnostics
         self.started_at = time.monotonic()
         self.log = get_logger()
@@ -59,6 +63,10 @@ class Bridge:
         path = request.path.split("?", 1)[0]
         if path == "/health":
             return _response(200, "OK", self.health())
+        if path == "/metrics":
+            body = prometheus_text(self.stats)
+            return Response(200, "OK", Headers([("Content-Type", CONTENT_TYPE),
+                                                ("Content-Length", str(len(body)))]), body)
         if path != self.cfg.server.path:
             return _response(404, "Not Found", {"error": "not found", "path": path[:100]})
         if self._expected_auth is not None:
@@ -73,15 +81,24 @@ class Bridge:
     def health(self) -> dict[str, Any]:
         return {"status": "stopping" if self._stopping.is_set() else "ok",
                 "version": __version__, "active_calls": len(self.calls),
-                "uptime_s": round(time.monotonic() - self.started_at, 1)}
+                "uptime_s": round(time.monotonic() - self.started_at, 1),
+                "calls_total": self.stats.calls_total,
+                "latency_us": {name: h.snapshot() for name, h in self.stats.histograms().items()}}
+
+    def dump_stats(self) -> None:
+        """SIGUSR1: all stats as one structured log event, then a human-readable table."""
+        self.log.info("stats.dump", **self.stats.snapshot())
+        self.log.info("stats.table", table=self.stats.table())
 
     # ------------------------------------------------------------------ per connection
     async def _handler(self, ws: ServerConnection) -> None:
-        call = Call(WsEndpoint(ws), self.cfg, self.secrets, dialer=self.dialer)
+        call = Call(WsEndpoint(ws), self.cfg, self.secrets, dialer=self.dialer, stats=self.stats)
         self.calls.add(call)
+        self.stats.calls_active += 1
         try:
             await call.run()
         finally:
+            self.stats.calls_active -= 1
             self.calls.discard(call)
             self.finished.append(call)
 
@@ -114,6 +131,7 @@ class Bridge:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGUSR1, self.dump_stats)
         await self._stopping.wait()
         self.log.info("server.signal", active_calls=len(self.calls))
         await self.stop()
