@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
+BENCH_STAMP = $(VENV)/.installed-bench
+
 .PHONY: demo test run check bench clean
 
 $(STAMP): pyproject.toml
@@ -23,6 +25,13 @@ run: $(STAMP)
 
 check: $(STAMP)
 	$(PY) -m voicebridge --config config.toml --check
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

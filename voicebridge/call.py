@@ -664,7 +664,7 @@ class Call:
                 if due > now:
                     self._arm(due, now)
                     break
-                if paced:
+                if paced and po.pending[0].kind == CHUNK:  # audio only, not the delayed stops
                     self.stats.pacer_late.record(int((now - due) * 1_000_000))
                 await self._emit(po.take(now))
         finally:

@@ -1,0 +1,1 @@
+"""voicebridge load benchmark (`make bench` = `python -m bench`); see bench/README.md."""
