@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, help="measurement window per level (default 8; --full 30)")
     ap.add_argument("--no-floor", action="store_true", help="skip relay_floor.py")
     ap.add_argument("--no-ramp", action="store_true", help="skip the capacity ramp")
+    ap.add_argument("--transport", default="fast", choices=["fast", "websockets"],
+                    help="the bridge's server.transport (default fast)")
     ap.add_argument("--profile-calls", type=int, default=300, help="calls during the profiled run (default 300)")
     a = ap.parse_args(argv)
 
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     window = a.seconds or (30.0 if a.full else 8.0)
     ramp_window = window if a.full else min(window, 5.0)
     pin = orch.can_pin()
-    opts = orch.Opts(window_s=window, warmup_s=2.0 if a.full else 1.0, budget_ms=a.budget_ms, pin=pin)
+    opts = orch.Opts(window_s=window, warmup_s=2.0 if a.full else 1.0, budget_ms=a.budget_ms, pin=pin,
+                     transport=a.transport)
     say = lambda s: print(s, flush=True)
     res: dict = {"timestamp": stamp, "mode": "full" if a.full else "quick", "budget_ms": a.budget_ms,
                  "machine": _machine(), "window_s": window, "ramp_window_s": ramp_window,

@@ -46,6 +46,7 @@ class Opts:
     barge_every: int = 4
     budget_ms: float = 5.0
     pin: bool = True
+    transport: str = "fast"          # the bridge's server.transport: "fast" or "websockets"
     bridge_dir: Path = field(default_factory=lambda: Path(os.environ.get("BENCH_BRIDGE_DIR", REPO)))
     log: Callable[[str], None] = print
 
@@ -94,7 +95,7 @@ class Bridge:
         self.config = self.dir / "bench.toml"
         self.logfile = self.dir / "bridge.log"
         self.config.write_text(
-            f'[server]\nhost = "127.0.0.1"\nport = {self.port}\n\n'
+            f'[server]\nhost = "127.0.0.1"\nport = {self.port}\ntransport = "{opts.transport}"\n\n'
             f'[openai]\nurl = "ws://127.0.0.1:{upstream_port}/v1/realtime"\n\n'
             f'[audio]\nformat_preference = ["raw/lpcm16_24"]\nplayout_lead_ms = {LEAD_MS}\n\n'
             f'[log]\nlevel = "warning"\n')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import json
 from contextlib import asynccontextmanager
@@ -17,6 +18,8 @@ from voicebridge.server import Bridge
 from voicebridge.sim.fake_openai import FakeOpenAIConfig, FakeRealtimeServer
 
 API_KEY = "sk-test-not-a-real-key"
+# which socket layer the bridge under test uses (server.transport); e2e modules run both
+TRANSPORT: contextvars.ContextVar[str] = contextvars.ContextVar("transport", default="fast")
 TOKEN = "vaic-test-token"
 
 
@@ -40,7 +43,7 @@ def logs() -> LogCapture:
 
 def bridge_config(fake: FakeRealtimeServer, **sections: dict[str, Any]) -> Config:
     over: dict[str, dict[str, Any]] = {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "transport": TRANSPORT.get()},
         "openai": {"url": f"ws://127.0.0.1:{fake.port}/v1/realtime", "connect_timeout_s": 3.0},
         "call": {"hangup_grace_s": 2.0},
     }
@@ -114,3 +117,11 @@ def assert_events_valid(fake: FakeRealtimeServer) -> int:
                         "input_audio_buffer_commit_empty", None)
                        for e in session.errors_sent if e.get("injected") is None), session.errors_sent
     return n
+
+
+@pytest.fixture(params=["fast", "websockets"])
+def both_transports(request):
+    """Run a test once per socket layer: the lean Sans-I/O one and websockets' asyncio one."""
+    token = TRANSPORT.set(request.param)
+    yield request.param
+    TRANSPORT.reset(token)

@@ -7,6 +7,8 @@ import socket
 import pytest
 
 from voicebridge.sim.caller import BargeIn, CallerConfig, Silence, Speak, WaitForBot, run_call
+pytestmark = pytest.mark.usefixtures("both_transports")
+
 from tests.conftest import TOKEN, assert_events_valid, fast_fake, running, vaic_url, wait_for
 
 ALL_FORMATS = ["raw/lpcm16_24", "raw/mulaw", "raw/lpcm16", "raw/lpcm16_8",

@@ -15,6 +15,8 @@ from websockets.exceptions import InvalidStatus
 
 from voicebridge.sim.caller import (CallerConfig, Silence, Speak, WaitForBot, run_call,
                                     validate_connection)
+pytestmark = pytest.mark.usefixtures("both_transports")
+
 from tests.conftest import TOKEN, assert_events_valid, fast_fake, running, vaic_url, wait_for
 
 INIT = {"type": "session.initiate", "conversationId": "conv-1", "botName": "b", "caller": "+1",

@@ -36,6 +36,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     allow_unauthenticated: bool = False
     max_message_bytes: int = 4 * 1024 * 1024
     ping_interval_s: float = 20.0
+    transport: Literal["fast", "websockets"] = "fast"
 
 
 class VadConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

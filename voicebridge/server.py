@@ -31,6 +31,7 @@ from .config import Config, Secrets
 from .log import get_logger
 from .metrics import CONTENT_TYPE, prometheus_text
 from .stats import Stats
+from .fastws import FastEndpoint, FastServer, fast_dial
 from .transport import WsEndpoint, dial
 
 
@@ -45,21 +46,23 @@ def _response(status: int, reason: str, body: dict[str, Any],
 class Bridge:
     """The voicebridge server. `async with Bridge(cfg, secrets) as b:` in tests."""
 
-    def __init__(self, cfg: Config, secrets: Secrets, *, dialer: Dialer = dial) -> None:
+    def __init__(self, cfg: Config, secrets: Secrets, *, dialer: Dialer | None = None) -> None:
         self.cfg = cfg
         self.secrets = secrets
-        self.dialer = dialer
+        fast = cfg.server.transport == "fast"
+        self.dialer: Dialer = dialer or (fast_dial if fast else dial)
         self.calls: set[Call] = set()
         self.stats = Stats()
         self.finished: deque[Call] = deque(maxlen=64)   # recent calls, for tests and diagnostics
         self.started_at = time.monotonic()
         self.log = get_logger()
-        self._server: Server | None = None
+        self._server: Server | FastServer | None = None
         self._expected_auth = (f"Bearer {secrets.token}".encode() if secrets.token else None)
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------------ HTTP before upgrade
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    def process_request(self, connection: Any, request: Request) -> Response | None:
+        """Before the upgrade; `connection` is either transport's connection (`remote_address`)."""
         path = request.path.split("?", 1)[0]
         if path == "/health":
             return _response(200, "OK", self.health())
@@ -91,8 +94,9 @@ class Bridge:
         self.log.info("stats.table", table=self.stats.table())
 
     # ------------------------------------------------------------------ per connection
-    async def _handler(self, ws: ServerConnection) -> None:
-        call = Call(WsEndpoint(ws), self.cfg, self.secrets, dialer=self.dialer, stats=self.stats)
+    async def _handler(self, ws: Any) -> None:
+        end = ws if isinstance(ws, FastEndpoint) else WsEndpoint(ws)
+        call = Call(end, self.cfg, self.secrets, dialer=self.dialer, stats=self.stats)
         self.calls.add(call)
         self.stats.calls_active += 1
         try:
@@ -105,11 +109,20 @@ class Bridge:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         s = self.cfg.server
-        self._server = await serve(
-            self._handler, s.host, s.port, process_request=self.process_request,
-            max_size=s.max_message_bytes, compression=None, ping_interval=s.ping_interval_s,
-            ping_timeout=s.ping_interval_s, close_timeout=2.0, server_header=f"voicebridge/{__version__}")
+        if s.transport == "fast":
+            fast = FastServer(self._handler, self.process_request, max_size=s.max_message_bytes,
+                              close_timeout_s=2.0, ping_interval_s=s.ping_interval_s,
+                              server_header=f"voicebridge/{__version__}")
+            await fast.start(s.host, s.port)
+            self._server = fast
+        else:
+            self._server = await serve(
+                self._handler, s.host, s.port, process_request=self.process_request,
+                max_size=s.max_message_bytes, compression=None, ping_interval=s.ping_interval_s,
+                ping_timeout=s.ping_interval_s, close_timeout=2.0,
+                server_header=f"voicebridge/{__version__}")
         self.log.info("server.listening", host=s.host, port=self.port, path=s.path,
+                      transport=s.transport,
                       auth="bearer" if self._expected_auth else "none",
                       openai=self.cfg.openai.provider, model=self.cfg.openai.model)
 

@@ -1,0 +1,341 @@
+"""A lean websocket transport: `websockets`' Sans-I/O protocol driven straight from uvloop.
+
+Why: the profile of `make bench` shows most of the bridge's CPU inside `websockets`' asyncio
+layer (an async context manager, a weak set and a queue per send/recv). The same protocol
+objects (`ServerProtocol`/`ClientProtocol`: parsing, framing, close handshake, ping/pong) fed
+from a plain `asyncio.Protocol` do the same work with far less Python per frame
+(../shared/perf/relay_floor.py measures that difference on this machine).
+
+Contract, identical to `transport.WsEndpoint`:
+- `recv()` returns the next message (text messages as `bytes` of UTF-8: both our decoders take
+  bytes; binary messages as `bytes` too) or raises `EndpointClosed(code, reason)`;
+- `send(text)` sends one text message; it suspends only when the kernel buffer is full
+  (backpressure), otherwise it completes without yielding to the loop;
+- `close(code, reason)` runs the close handshake, bounded by `close_timeout_s`, then aborts;
+- keepalive: a ping every `ping_interval_s`; no pong by the next ping aborts the connection.
+Everything is bounded: the receive queue by the peer's sending rate only while the reader lags,
+which the call's pumps never let happen for long (they read continuously).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as ssl_mod
+from collections import deque
+from typing import Any, Awaitable, Callable
+
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
+
+from .transport import ConnectFailed, EndpointClosed
+
+_TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
+
+
+class FastEndpoint(asyncio.Protocol):
+    """One websocket connection (either side) as an `Endpoint`."""
+
+    def __init__(self, proto: ServerProtocol | ClientProtocol, *, close_timeout_s: float,
+                 ping_interval_s: float | None) -> None:
+        self.proto = proto
+        self.transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._queue: deque[bytes] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._fragments: list[bytes] = []
+        self._paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._lost = False
+        self._lost_fut: asyncio.Future[None] = self._loop.create_future()
+        self._close_timeout_s = close_timeout_s
+        self._ping_interval_s = ping_interval_s
+        self._ping_handle: asyncio.TimerHandle | None = None
+        self._awaiting_pong = False
+        self._close_handle: asyncio.TimerHandle | None = None
+        # handshake hooks, set by the listener / dialer
+        self.on_request: Callable[[FastEndpoint, Request], None] | None = None
+        self.handshake: asyncio.Future[Response] | None = None
+        self.request: Request | None = None
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        proto = self.proto
+        proto.receive_data(data)
+        for ev in proto.events_received():
+            if type(ev) is Frame:
+                op = ev.opcode
+                if op is _TEXT or op is _BINARY:
+                    if ev.fin:
+                        self._deliver(ev.data)
+                    else:
+                        self._fragments = [ev.data]
+                elif op is _CONT:
+                    self._fragments.append(ev.data)
+                    if ev.fin:
+                        self._deliver(b"".join(self._fragments))
+                        self._fragments = []
+                elif op is _PONG:
+                    self._awaiting_pong = False
+                # PING (pong queued by the protocol) and CLOSE (handled by it) need nothing here
+            elif type(ev) is Request:
+                self.request = ev
+                if self.on_request is not None:
+                    self.on_request(self, ev)
+            elif type(ev) is Response:
+                if self.handshake is not None and not self.handshake.done():
+                    self.handshake.set_result(ev)
+        self._flush()
+        if proto.state is State.CLOSED or proto.close_expected():
+            self._expect_close()
+            self._wake()
+
+    def eof_received(self) -> bool | None:
+        self.proto.receive_eof()
+        self._flush()
+        self._wake()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        for h in (self._ping_handle, self._close_handle):
+            if h is not None:
+                h.cancel()
+        if not self._lost_fut.done():
+            self._lost_fut.set_result(None)
+        if self.handshake is not None and not self.handshake.done():
+            self.handshake.set_exception(ConnectionError("connection lost during handshake"))
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # ------------------------------------------------------------------ internals
+    def _deliver(self, data: bytes) -> None:
+        self._queue.append(data)
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def _flush(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        for data in self.proto.data_to_send():
+            if data:
+                transport.write(data)
+            elif transport.can_write_eof():
+                transport.write_eof()  # the protocol ended the stream (after a close)
+
+    def _expect_close(self) -> None:
+        if self._close_handle is None and not self._lost:
+            self._close_handle = self._loop.call_later(self._close_timeout_s, self.abort)
+
+    def _closed_error(self) -> EndpointClosed:
+        p = self.proto
+        code = p.close_code if p.close_code is not None else 1006
+        return EndpointClosed(code, p.close_reason or "")
+
+    def start_keepalive(self) -> None:
+        if self._ping_interval_s:
+            self._ping_handle = self._loop.call_later(self._ping_interval_s, self._ping_tick)
+
+    def _ping_tick(self) -> None:
+        if self._lost or self.proto.state is not State.OPEN:
+            return
+        if self._awaiting_pong:
+            self.proto.fail(1011, "keepalive ping timeout")
+            self._flush()
+            self.abort()
+            return
+        self._awaiting_pong = True
+        self.proto.send_ping(b"vb")
+        self._flush()
+        self._ping_handle = self._loop.call_later(self._ping_interval_s, self._ping_tick)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ Endpoint
+    async def recv(self) -> bytes:
+        while True:
+            if self._queue:
+                return self._queue.popleft()
+            if self._lost or self.proto.state is not State.OPEN:
+                raise self._closed_error()
+            fut = self._loop.create_future()
+            self._waiter = fut
+            await fut
+
+    async def send(self, frame: str) -> None:
+        proto = self.proto
+        if proto.state is not State.OPEN or self._lost:
+            raise self._closed_error()
+        proto.send_text(frame.encode())
+        self._flush()
+        if self._paused:
+            fut = self._loop.create_future()
+            self._drain_waiter = fut
+            await fut
+            if self._lost:
+                raise self._closed_error()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        if self._lost:
+            return
+        if self.proto.state is State.OPEN:
+            self.proto.send_close(code, reason)
+            self._flush()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._lost_fut), self._close_timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            self.abort()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.abort()
+
+    @property
+    def close_code(self) -> int | None:
+        if not self._lost and self.proto.state is State.OPEN:
+            return None
+        return self.proto.close_code if self.proto.close_code is not None else 1006
+
+    @property
+    def remote_address(self) -> Any:
+        return self.transport.get_extra_info("peername") if self.transport else None
+
+    @property
+    def _ws(self) -> "FastEndpoint":  # tests reach the socket through `endpoint._ws.transport`
+        return self
+
+
+ProcessRequest = Callable[[Any, Request], Response | None]
+Handler = Callable[[FastEndpoint], Awaitable[None]]
+
+
+class FastServer:
+    """Listener: HTTP upgrade handled by `process_request` first (health, auth), then `handler`."""
+
+    def __init__(self, handler: Handler, process_request: ProcessRequest, *, max_size: int,
+                 close_timeout_s: float, ping_interval_s: float | None, server_header: str) -> None:
+        self._handler = handler
+        self._process_request = process_request
+        self._max_size = max_size
+        self._close_timeout_s = close_timeout_s
+        self._ping_interval_s = ping_interval_s
+        self._server_header = server_header
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: set[FastEndpoint] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _make(self) -> FastEndpoint:
+        ep = FastEndpoint(ServerProtocol(max_size=self._max_size),
+                          close_timeout_s=self._close_timeout_s, ping_interval_s=self._ping_interval_s)
+        ep.on_request = self._on_request
+        return ep
+
+    def _on_request(self, ep: FastEndpoint, request: Request) -> None:
+        proto: ServerProtocol = ep.proto  # type: ignore[assignment]
+        try:
+            response = self._process_request(ep, request)
+        except Exception:  # a bug in process_request must not kill the listener
+            response = proto.reject(500, "internal error\n")
+        if response is None:
+            response = proto.accept(request)
+        if self._server_header:
+            response.headers["Server"] = self._server_header
+        proto.send_response(response)
+        ep._flush()
+        if response.status_code != 101:
+            ep._expect_close()
+            return
+        self._conns.add(ep)
+        ep.start_keepalive()
+        task = asyncio.get_running_loop().create_task(self._run(ep))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, ep: FastEndpoint) -> None:
+        try:
+            await self._handler(ep)
+        finally:
+            self._conns.discard(ep)
+            await ep.close(1000, "")
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.get_running_loop().create_server(self._make, host, port)
+
+    @property
+    def sockets(self) -> Any:
+        assert self._server is not None
+        return self._server.sockets
+
+    def close(self, close_connections: bool = True) -> None:
+        assert self._server is not None
+        self._server.close()
+        if close_connections:
+            for ep in list(self._conns):
+                asyncio.get_running_loop().create_task(ep.close(1001, "server shutting down"))
+
+    async def wait_closed(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+async def fast_dial(url: str, headers: dict[str, str], *, timeout_s: float, max_size: int,
+                    close_timeout_s: float, ping_interval_s: float | None = 20.0) -> FastEndpoint:
+    """Client side of `transport.dial` on the lean transport (ws:// and wss://)."""
+    loop = asyncio.get_running_loop()
+    uri = parse_uri(url)
+    ssl_ctx = ssl_mod.create_default_context() if uri.secure else None
+
+    async def connect() -> FastEndpoint:
+        proto = ClientProtocol(uri, max_size=max_size)
+        ep = FastEndpoint(proto, close_timeout_s=close_timeout_s, ping_interval_s=ping_interval_s)
+        await loop.create_connection(lambda: ep, uri.host, uri.port, ssl=ssl_ctx,
+                                     server_hostname=uri.host if ssl_ctx else None)
+        ep.handshake = loop.create_future()
+        request = proto.connect()
+        for k, v in headers.items():
+            request.headers[k] = v
+        request.headers["User-Agent"] = "voicebridge"
+        proto.send_request(request)
+        ep._flush()
+        response = await ep.handshake
+        if proto.handshake_exc is not None or response.status_code != 101:
+            ep.abort()
+            raise ConnectFailed(f"upstream refused the websocket: HTTP {response.status_code}",
+                                response.status_code)
+        ep.start_keepalive()
+        return ep
+
+    try:
+        return await asyncio.wait_for(connect(), timeout_s)
+    except ConnectFailed:
+        raise
+    except (asyncio.TimeoutError, TimeoutError):
+        raise ConnectFailed(f"upstream connect timed out after {timeout_s:g} s") from None
+    except (OSError, ConnectionError) as e:
+        raise ConnectFailed(f"upstream connect failed: {type(e).__name__}: {e}"[:200]) from None
