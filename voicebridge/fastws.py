@@ -126,13 +126,10 @@ class FastEndpoint(asyncio.Protocol):
     # ------------------------------------------------------------------ internals
     def _deliver(self, data: bytes) -> None:
         self._queue.append(data)
-        w = self._waiter
-        if w is not None:
-            self._waiter = None
-            if not w.done():
-                w.set_result(None)
+        self._wake()
 
     def _wake(self) -> None:
+        """Resume a `recv()` waiting for a message or for the end of the connection."""
         w = self._waiter
         if w is not None:
             self._waiter = None

@@ -30,6 +30,11 @@ Readings chosen where the spec is silent (all unverified against a real VAIC):
   violation and the accepted format is assumed.
 * A RIFF header at the start of a chunk of a ``raw/`` play stream is a violation (it would be
   played as noise); in ``wav/`` play streams it is stripped (see ``caller_audio``).
+
+Layout: this module holds the call driver (``_Call``), :func:`run_call`,
+:func:`validate_connection` and the CLI, and re-exports the script items (``caller_script``) and
+the config/result records with :func:`format_timeline` (``caller_records``). The handling of bot
+messages is ``caller_reader._CallReader``, which ``_Call`` inherits.
 """
 
 from __future__ import annotations
@@ -37,206 +42,66 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import binascii
 import functools
 import json
 import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from collections.abc import Callable
-from typing import Any, Literal
+from datetime import datetime, timezone
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from voicebridge.sim.caller_audio import FORMATS, AudioFormat, SpeechSource, strip_wav_header, wav_header
-from voicebridge.sim.playout_model import STOP_POLICIES, PlayedStream, PlayoutModel, StopPolicy
+from voicebridge.sim.caller_audio import FORMATS, AudioFormat, SpeechSource, wav_header
+from voicebridge.sim.caller_reader import _CallReader
+from voicebridge.sim.caller_records import (
+    CallerConfig,
+    CallResult,
+    Direction,
+    EndReason,
+    Event,
+    Turn,
+    format_timeline,
+)
+from voicebridge.sim.caller_script import (
+    BargeIn,
+    ScriptItem,
+    Silence,
+    Speak,
+    WaitForBot,
+    default_script,
+    parse_script,
+)
+from voicebridge.sim.playout_model import STOP_POLICIES, PlayoutModel
+
+__all__ = [
+    "BargeIn",
+    "CallResult",
+    "CallerConfig",
+    "Direction",
+    "EndReason",
+    "Event",
+    "ScriptItem",
+    "Silence",
+    "Speak",
+    "Turn",
+    "WaitForBot",
+    "default_script",
+    "format_timeline",
+    "main",
+    "parse_script",
+    "run_call",
+    "validate_connection",
+]
 
 MAX_SIZE_BYTES = 16 * 1024 * 1024
 CLOSE_TIMEOUT_S = 2.0
 CALL_TIMEOUT_MARGIN_S = 5.0
 MAX_VIOLATIONS = 200
 """Violations kept verbatim per call; further ones are only counted (``violations_suppressed``)."""
-
-# --- script ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Speak:
-    """The caller talks: ``ms`` of speech (300 Hz tone, amplitude 8000) in the accepted format."""
-
-    ms: int
-
-
-@dataclass
-class Silence:
-    """The caller is quiet: ``ms`` of digital silence."""
-
-    ms: int
-
-
-@dataclass
-class WaitForBot:
-    """Stream silence until the bot's answer has finished playing, or ``timeout_ms`` passed.
-
-    "The bot's answer" is a play stream started at or after the end of the caller's last
-    Speak/BargeIn (or call start); done when such a stream is finished (stopped and played out or
-    flushed) and nothing is left playing. A timeout is counted in ``CallResult.script_timeouts``.
-    """
-
-    timeout_ms: int = 10000
-
-
-@dataclass
-class BargeIn:
-    """Stream silence until ``after_heard_ms`` of a bot stream has been heard, then ``Speak(ms)``.
-
-    The stream must have started at or after the end of the caller's last Speak/BargeIn (or call
-    start). On timeout (counted in ``script_timeouts``) the caller speaks anyway.
-    """
-
-    after_heard_ms: int
-    ms: int
-    timeout_ms: int = 10000
-
-
-ScriptItem = Speak | Silence | WaitForBot | BargeIn
-
-
-def default_script() -> list[ScriptItem]:
-    """Listen to the greeting, say something for 1.5 s, listen to the answer."""
-    return [WaitForBot(), Speak(1500), WaitForBot()]
-
-
-def parse_script(text: str) -> list[ScriptItem]:
-    """Parse ``"speak:1500,silence:2000,bargein:800:1200,wait"`` into script items.
-
-    Items: ``speak:MS``, ``silence:MS``, ``wait[:TIMEOUT_MS]``, ``bargein:AFTER_MS:MS[:TIMEOUT_MS]``.
-    Raises ``ValueError`` with the offending item on bad input.
-    """
-    items: list[ScriptItem] = []
-    for raw in text.split(","):
-        token = raw.strip()
-        if not token:
-            continue
-        name, *args = token.split(":")
-        try:
-            nums = [int(a) for a in args]
-            if name == "speak" and len(nums) == 1:
-                items.append(Speak(nums[0]))
-            elif name == "silence" and len(nums) == 1:
-                items.append(Silence(nums[0]))
-            elif name == "wait" and len(nums) <= 1:
-                items.append(WaitForBot(*nums))
-            elif name == "bargein" and len(nums) in (2, 3):
-                items.append(BargeIn(*nums))
-            else:
-                raise ValueError
-        except ValueError:
-            raise ValueError(
-                f"bad script item {token!r}; use speak:MS, silence:MS, wait[:TIMEOUT_MS], "
-                "bargein:AFTER_MS:MS[:TIMEOUT_MS]"
-            ) from None
-    return items
-
-
-# --- configuration and result ----------------------------------------------------------------------
-
-
-@dataclass
-class CallerConfig:
-    """One simulated call. ``formats`` is the ordered ``supportedMediaFormats`` offer; unknown
-    strings may be offered (negative tests) but at least one must be a format this simulator can
-    generate. ``call_timeout_s=None`` derives a bound from the script and ``accept_timeout_s``.
-    ``record_audio=False`` skips keeping bot audio (``heard_bytes`` stays empty) for load tests.
-    """
-
-    url: str
-    token: str | None = None
-    formats: list[str] = field(default_factory=lambda: ["raw/lpcm16_24", "raw/mulaw"])
-    conversation_id: str | None = None
-    caller: str = "+15550100"
-    callee: str = "+15550199"
-    bot_name: str = "voicebridge"
-    frame_ms: int = 20
-    script: list[ScriptItem] = field(default_factory=default_script)
-    stop_policy: StopPolicy = "flush"
-    play_finished: bool = False
-    accept_timeout_s: float = 5.0
-    send_start_activity: bool = True
-    hangup: Literal["caller", "drop"] = "caller"
-    record_audio: bool = True
-    call_timeout_s: float | None = None
-
-
-Direction = Literal["in", "out", "sim"]
-EndReason = Literal[
-    "caller-hangup",
-    "caller-drop",
-    "bot-hangup",
-    "transfer",
-    "session.error",
-    "socket-closed",
-    "timeout",
-    "connect-failed",
-]
-
-
-@dataclass
-class Event:
-    """One timeline entry: ``t_ms`` since call start; ``in`` = bot→caller, ``out`` = caller→bot,
-    ``sim`` = the simulator's own observation (script steps, playout, timeouts)."""
-
-    t_ms: float
-    direction: Direction
-    type: str
-    detail: str = ""
-
-
-@dataclass
-class Turn:
-    """One caller utterance (Speak or BargeIn): ``speech_end_ms`` = its last frame was sent;
-    ``first_audio_ms`` = first chunk of the first play stream whose first chunk came after that."""
-
-    speech_end_ms: float
-    first_audio_ms: float | None
-    latency_ms: float | None
-
-
-@dataclass
-class CallResult:
-    """Everything observed during one call. Times are ms since call start (just before dialing).
-
-    ``events`` holds control messages and simulator notes in the order recorded (chunks are only
-    counted, except the first of each stream); ``playout.*`` notes carry their exact analytic time,
-    which may precede entries recorded before them, so sort by ``t_ms`` for a strict timeline (as
-    :func:`format_timeline` does). ``streams`` are final when the result is returned.
-    ``end_reason`` adds ``"caller-drop"`` (``hangup="drop"``) and ``"connect-failed"`` (see
-    ``connect_error``) to the reasons of the call contract.
-    """
-
-    url: str
-    conversation_id: str
-    events: list[Event] = field(default_factory=list)
-    chunks_sent: int = 0
-    chunks_received: int = 0
-    accepted_format: str | None = None
-    session_error: str | None = None
-    streams: list[PlayedStream] = field(default_factory=list)
-    turns: list[Turn] = field(default_factory=list)
-    speech_started_from_bot: list[float] = field(default_factory=list)
-    violations: list[str] = field(default_factory=list)
-    violations_suppressed: int = 0
-    end_reason: EndReason | None = None
-    close_code: int | None = None
-    received_activities: list[dict[str, Any]] = field(default_factory=list)
-    unknown_messages: list[str] = field(default_factory=list)
-    script_timeouts: int = 0
-    connect_error: str | None = None
-    duration_ms: float = 0.0
 
 
 def _default_call_timeout_s(cfg: CallerConfig) -> float:
@@ -279,7 +144,7 @@ class _CallEnded(Exception):
 # --- the call --------------------------------------------------------------------------------------
 
 
-class _Call:
+class _Call(_CallReader):
     """State of one running call: a driver task (handshake, script, hang-up) and a reader task."""
 
     def __init__(self, cfg: CallerConfig) -> None:
@@ -555,222 +420,6 @@ class _Call:
             return False
         return self.model.heard_ms(latest, self.now()) >= after_heard_ms
 
-    # --- reader: everything the bot sends --------------------------------------------------------
-
-    async def _read(self) -> None:
-        assert self.ws is not None
-        try:
-            async for message in self.ws:
-                if self.result.end_reason is not None:
-                    continue  # the call is ending: late bot messages are not judged
-                t = self.now()
-                if isinstance(message, bytes):
-                    self._violation(f"binary frame from bot ({len(message)} bytes)")
-                    continue
-                try:
-                    msg = json.loads(message)
-                except ValueError:
-                    self._violation(f"non-JSON text frame from bot: {message[:80]!r}")
-                    continue
-                if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-                    self._violation(f"message without a string 'type': {message[:80]!r}")
-                    continue
-                await self._handle(msg, t)
-                if self.result.end_reason is not None and self._ended_by_bot:
-                    return
-        except ConnectionClosed:
-            pass
-        self._end("socket-closed")
-
-    async def _handle(self, msg: dict[str, Any], t: float) -> None:
-        typ: str = msg["type"]
-        if not self.accepted.is_set() and typ not in ("session.accepted", "session.error"):
-            self._violation(f"{typ} before session.accepted")
-        if typ == "playStream.chunk":
-            self._on_play_chunk(msg, t)
-        elif typ == "playStream.start":
-            self._on_play_start(msg, t)
-        elif typ == "playStream.stop":
-            self._on_play_stop(msg, t)
-        elif typ == "session.accepted":
-            self._on_accepted(msg, t)
-        elif typ == "session.error":
-            self.result.session_error = str(msg.get("reason", ""))
-            self._event("in", typ, self.result.session_error, t)
-            self._ended_by_bot = True
-            self._end("session.error")
-        elif typ in ("userStream.started", "userStream.stopped"):
-            self._on_user_stream_ack(typ, t)
-        elif typ == "userStream.speech.started":
-            self.result.speech_started_from_bot.append(t)
-            self._event("in", typ, "", t)
-            self._barge_in(t)
-        elif typ in ("userStream.speech.stopped", "userStream.speech.committed"):
-            self._event("in", typ, "", t)
-        elif typ in ("userStream.speech.hypothesis", "userStream.speech.recognition"):
-            self._event("in", typ, _alternative_text(msg), t)
-        elif typ == "activities":
-            await self._on_activities(msg, t)
-        elif typ == "session.end":
-            self._event("in", typ, str(msg.get("reasonCode", "")), t)
-            self._violation("session.end sent by the bot (non-standard; VAIC sends it)")
-        else:
-            self.result.unknown_messages.append(typ)
-            self._event("in", typ, "unknown message type", t)
-
-    def _barge_in(self, t: float) -> None:
-        latest = self.model.latest
-        before = 0.0 if latest is None else latest.flushed_ms
-        self.model.barge_in(t)
-        if latest is not None and latest.flushed_ms > before:
-            discarded = latest.flushed_ms - before
-            self._event("sim", "playout.flush", f"stream {latest.stream_id}: discarded {discarded:.0f} ms", t)
-
-    def _on_accepted(self, msg: dict[str, Any], t: float) -> None:
-        media_format = msg.get("mediaFormat")
-        self._event("in", "session.accepted", f"mediaFormat={media_format}", t)
-        if self.accepted.is_set():
-            self._violation("duplicate session.accepted")
-            return
-        self.result.accepted_format = media_format if isinstance(media_format, str) else None
-        if media_format not in self.cfg.formats:
-            self._violation(f"session.accepted mediaFormat {media_format!r} not in offer {self.cfg.formats}")
-        if isinstance(media_format, str) and media_format in FORMATS:
-            self.fmt = FORMATS[media_format]
-        self.accepted.set()
-
-    def _on_user_stream_ack(self, typ: str, t: float) -> None:
-        self._event("in", typ, "", t)
-        if typ == "userStream.started":
-            if not self._user_start_pending:
-                self._violation("userStream.started without userStream.start")
-            self._user_start_pending = False
-            self.user_started.set()
-        else:
-            if not self._user_stop_pending:
-                self._violation("userStream.stopped without userStream.stop")
-            self._user_stop_pending = False
-            self.user_stopped.set()
-
-    def _on_play_start(self, msg: dict[str, Any], t: float) -> None:
-        stream_id = msg.get("streamId")
-        media_format = msg.get("mediaFormat")
-        self._event("in", "playStream.start", f"streamId={stream_id} mediaFormat={media_format}", t)
-        if not isinstance(stream_id, str) or not stream_id:
-            self._violation(f"playStream.start streamId {stream_id!r} is not a non-empty string")
-            stream_id = str(stream_id)
-        if stream_id in self._stream_ids:
-            self._violation(f"playStream.start reuses streamId {stream_id!r}")
-        self._stream_ids.add(stream_id)
-        if media_format is None:
-            self._violation(f"playStream.start {stream_id} without mediaFormat")
-            media_format = self.result.accepted_format or self.fmt.name
-        elif media_format not in self.cfg.formats:
-            self._violation(f"playStream.start {stream_id} mediaFormat {media_format!r} not in offer")
-        elif media_format != self.result.accepted_format:
-            self._violation(
-                f"playStream.start {stream_id} mediaFormat {media_format!r} differs from accepted "
-                f"{self.result.accepted_format!r}"
-            )
-        active = self.model.active
-        if active is not None:
-            self._violation(f"playStream.start {stream_id} while stream {active.stream_id} is active")
-            self.model.stop(t)
-        fmt = FORMATS.get(media_format) if isinstance(media_format, str) else None
-        self.model.start(t, stream_id, str(media_format), fmt or self.fmt)
-
-    def _on_play_chunk(self, msg: dict[str, Any], t: float) -> None:
-        self.result.chunks_received += 1
-        stream_id = msg.get("streamId")
-        active = self.model.active
-        if active is None:
-            self._violation(f"playStream.chunk (streamId={stream_id!r}) outside an active play stream")
-            return
-        if stream_id != active.stream_id:
-            self._violation(f"playStream.chunk streamId {stream_id!r} but active stream is {active.stream_id!r}")
-            return
-        b64 = msg.get("audioChunk")
-        if not isinstance(b64, str):
-            self._violation(f"playStream.chunk {stream_id} without a string audioChunk")
-            return
-        try:
-            audio = base64.b64decode(b64, validate=True)
-        except (binascii.Error, ValueError):
-            self._violation(f"playStream.chunk {stream_id}: audioChunk is not valid base64")
-            return
-        fmt = active.fmt
-        assert fmt is not None
-        if audio.startswith(b"RIFF"):
-            if fmt.container == "wav":
-                audio = strip_wav_header(audio)
-            else:
-                self._violation(f"playStream.chunk {stream_id}: RIFF header in a {fmt.name} stream")
-        if len(audio) % fmt.sample_width_bytes:
-            self._violation(f"playStream.chunk {stream_id}: {len(audio)} bytes is not whole 16-bit samples")
-            audio = audio[: len(audio) - len(audio) % fmt.sample_width_bytes]
-        if active.first_chunk_t is None:
-            self._event("in", "playStream.chunk", f"first chunk of {stream_id}", t)
-        self.model.chunk(t, fmt.ms_for_bytes(len(audio)), audio)
-
-    def _on_play_stop(self, msg: dict[str, Any], t: float) -> None:
-        stream_id = msg.get("streamId")
-        active = self.model.active
-        if active is None:
-            self._event("in", "playStream.stop", f"streamId={stream_id}", t)
-            self._violation(f"playStream.stop (streamId={stream_id!r}) without an active play stream")
-            return
-        queued = active.received_ms - active.flushed_ms
-        heard = self.model.heard_ms(active, t)
-        detail = f"streamId={stream_id} received {active.received_ms:.0f} ms, heard {heard:.0f} ms"
-        self._event("in", "playStream.stop", detail, t)
-        if stream_id != active.stream_id:
-            self._violation(f"playStream.stop streamId {stream_id!r} but active stream is {active.stream_id!r}")
-            return
-        self.model.stop(t)
-        if self.cfg.stop_policy == "flush" and queued > heard:
-            self._event("sim", "playout.flush", f"stream {stream_id}: discarded {queued - heard:.0f} ms", t)
-
-    async def _on_activities(self, msg: dict[str, Any], t: float) -> None:
-        activities = msg.get("activities")
-        if not isinstance(activities, list):
-            self._event("in", "activities", "invalid", t)
-            self._violation("activities message without an 'activities' list")
-            return
-        for activity in activities:
-            if not isinstance(activity, dict):
-                self._violation(f"activity is not an object: {activity!r}")
-                continue
-            self.result.received_activities.append(activity)
-            name = activity.get("name")
-            kind = activity.get("type")
-            params = activity.get("activityParams") if isinstance(activity.get("activityParams"), dict) else {}
-            detail = f"{kind}:{name}" if kind == "event" else f"{kind}: {activity.get('text', '')}"
-            self._event("in", "activities", detail, t)
-            if kind != "event" or self._ended_by_bot:
-                continue
-            if name == "hangup":
-                reason = params.get("hangupReason")
-                text = reason if isinstance(reason, str) else "Bot Side"
-                await self._end_by_bot("bot-hangup", "bot-disconnected", text)
-            elif name in ("transfer", "handover"):
-                target = params.get("transferTarget", "")
-                await self._end_by_bot("transfer", "transferred", f"transfer to {target}")
-
-    async def _end_by_bot(self, reason: EndReason, reason_code: str, text: str) -> None:
-        self._ended_by_bot = True
-        self._end(reason)
-        try:
-            await self._send({"type": "session.end", "reasonCode": reason_code, "reason": text}, reason_code)
-        except ConnectionClosed:
-            pass
-
-
-def _alternative_text(msg: dict[str, Any]) -> str:
-    alternatives = msg.get("alternatives")
-    if isinstance(alternatives, list) and alternatives and isinstance(alternatives[0], dict):
-        return str(alternatives[0].get("text", ""))
-    return ""
-
 
 # --- public API -----------------------------------------------------------------------------------
 
@@ -801,57 +450,6 @@ async def validate_connection(url: str, token: str | None = None, timeout_s: flo
     if not isinstance(parsed, dict):
         raise ValueError(f"reply to connection.validate is not a JSON object: {reply[:80]!r}")
     return parsed
-
-
-_ARROWS: dict[Direction, str] = {"out": "caller → bot", "in": "caller ← bot", "sim": "  (caller)  "}
-
-
-def format_timeline(result: CallResult) -> str:
-    """Readable multi-line timeline of a call: messages, script steps, turns, streams, violations."""
-    lines = [
-        f"call {result.conversation_id} to {result.url}",
-        f"  media format {result.accepted_format or '-'}; ended: {result.end_reason} "
-        f"(close code {result.close_code}) after {result.duration_ms / 1000:.2f} s; "
-        f"chunks sent {result.chunks_sent}, received {result.chunks_received}",
-    ]
-    if result.connect_error:
-        lines.append(f"  connect error: {result.connect_error}")
-    if result.session_error is not None:
-        lines.append(f"  session.error: {result.session_error}")
-    lines.append("")
-    lines.append(f"{'t (ms)':>9}  {'':12}  message")
-    for ev in sorted(result.events, key=lambda e: e.t_ms):
-        detail = f"  {ev.detail}" if ev.detail else ""
-        lines.append(f"{ev.t_ms:9.1f}  {_ARROWS[ev.direction]}  {ev.type}{detail}")
-    lines.append("")
-    lines.append("turns (caller speech end → first bot audio):")
-    for i, turn in enumerate(result.turns, 1):
-        if turn.latency_ms is None:
-            lines.append(f"  #{i}: speech end {turn.speech_end_ms:.0f} ms → no bot audio")
-        else:
-            lines.append(
-                f"  #{i}: speech end {turn.speech_end_ms:.0f} ms → first audio {turn.first_audio_ms:.0f} ms: "
-                f"latency {turn.latency_ms:.0f} ms"
-            )
-    if not result.turns:
-        lines.append("  (none)")
-    lines.append("bot play streams:")
-    for s in result.streams:
-        lines.append(
-            f"  {s.stream_id} ({s.media_format}): received {s.received_ms:.0f} ms, heard {s.heard_ms:.0f} ms, "
-            f"flushed {s.flushed_ms:.0f} ms, cut by call end {s.cut_ms:.0f} ms, underruns {s.underruns}"
-        )
-    if not result.streams:
-        lines.append("  (none)")
-    if result.speech_started_from_bot:
-        lines.append("bot speech.started at: " + ", ".join(f"{t:.0f} ms" for t in result.speech_started_from_bot))
-    if result.received_activities:
-        lines.append(f"activities from bot: {len(result.received_activities)}")
-    if result.script_timeouts:
-        lines.append(f"script waits timed out: {result.script_timeouts}")
-    lines.append(f"violations: {len(result.violations) + result.violations_suppressed}")
-    lines.extend(f"  - {v}" for v in result.violations)
-    return "\n".join(lines)
 
 
 # --- CLI ------------------------------------------------------------------------------------------

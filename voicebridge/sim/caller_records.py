@@ -1,0 +1,157 @@
+"""Configuration and result records of a simulated VAIC call, and the readable call timeline.
+
+:class:`CallerConfig` (one call), :class:`CallResult` with its :class:`Event` and :class:`Turn`
+entries, and :func:`format_timeline`. Re-exported by :mod:`voicebridge.sim.caller`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from voicebridge.sim.caller_script import ScriptItem, default_script
+from voicebridge.sim.playout_model import PlayedStream, StopPolicy
+
+
+@dataclass
+class CallerConfig:
+    """One simulated call. ``formats`` is the ordered ``supportedMediaFormats`` offer; unknown
+    strings may be offered (negative tests) but at least one must be a format this simulator can
+    generate. ``call_timeout_s=None`` derives a bound from the script and ``accept_timeout_s``.
+    ``record_audio=False`` skips keeping bot audio (``heard_bytes`` stays empty) for load tests.
+    """
+
+    url: str
+    token: str | None = None
+    formats: list[str] = field(default_factory=lambda: ["raw/lpcm16_24", "raw/mulaw"])
+    conversation_id: str | None = None
+    caller: str = "+15550100"
+    callee: str = "+15550199"
+    bot_name: str = "voicebridge"
+    frame_ms: int = 20
+    script: list[ScriptItem] = field(default_factory=default_script)
+    stop_policy: StopPolicy = "flush"
+    play_finished: bool = False
+    accept_timeout_s: float = 5.0
+    send_start_activity: bool = True
+    hangup: Literal["caller", "drop"] = "caller"
+    record_audio: bool = True
+    call_timeout_s: float | None = None
+
+
+Direction = Literal["in", "out", "sim"]
+EndReason = Literal[
+    "caller-hangup",
+    "caller-drop",
+    "bot-hangup",
+    "transfer",
+    "session.error",
+    "socket-closed",
+    "timeout",
+    "connect-failed",
+]
+
+
+@dataclass
+class Event:
+    """One timeline entry: ``t_ms`` since call start; ``in`` = bot→caller, ``out`` = caller→bot,
+    ``sim`` = the simulator's own observation (script steps, playout, timeouts)."""
+
+    t_ms: float
+    direction: Direction
+    type: str
+    detail: str = ""
+
+
+@dataclass
+class Turn:
+    """One caller utterance (Speak or BargeIn): ``speech_end_ms`` = its last frame was sent;
+    ``first_audio_ms`` = first chunk of the first play stream whose first chunk came after that."""
+
+    speech_end_ms: float
+    first_audio_ms: float | None
+    latency_ms: float | None
+
+
+@dataclass
+class CallResult:
+    """Everything observed during one call. Times are ms since call start (just before dialing).
+
+    ``events`` holds control messages and simulator notes in the order recorded (chunks are only
+    counted, except the first of each stream); ``playout.*`` notes carry their exact analytic time,
+    which may precede entries recorded before them, so sort by ``t_ms`` for a strict timeline (as
+    :func:`format_timeline` does). ``streams`` are final when the result is returned.
+    ``end_reason`` adds ``"caller-drop"`` (``hangup="drop"``) and ``"connect-failed"`` (see
+    ``connect_error``) to the reasons of the call contract.
+    """
+
+    url: str
+    conversation_id: str
+    events: list[Event] = field(default_factory=list)
+    chunks_sent: int = 0
+    chunks_received: int = 0
+    accepted_format: str | None = None
+    session_error: str | None = None
+    streams: list[PlayedStream] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)
+    speech_started_from_bot: list[float] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    violations_suppressed: int = 0
+    end_reason: EndReason | None = None
+    close_code: int | None = None
+    received_activities: list[dict[str, Any]] = field(default_factory=list)
+    unknown_messages: list[str] = field(default_factory=list)
+    script_timeouts: int = 0
+    connect_error: str | None = None
+    duration_ms: float = 0.0
+
+
+_ARROWS: dict[Direction, str] = {"out": "caller → bot", "in": "caller ← bot", "sim": "  (caller)  "}
+
+
+def format_timeline(result: CallResult) -> str:
+    """Readable multi-line timeline of a call: messages, script steps, turns, streams, violations."""
+    lines = [
+        f"call {result.conversation_id} to {result.url}",
+        f"  media format {result.accepted_format or '-'}; ended: {result.end_reason} "
+        f"(close code {result.close_code}) after {result.duration_ms / 1000:.2f} s; "
+        f"chunks sent {result.chunks_sent}, received {result.chunks_received}",
+    ]
+    if result.connect_error:
+        lines.append(f"  connect error: {result.connect_error}")
+    if result.session_error is not None:
+        lines.append(f"  session.error: {result.session_error}")
+    lines.append("")
+    lines.append(f"{'t (ms)':>9}  {'':12}  message")
+    for ev in sorted(result.events, key=lambda e: e.t_ms):
+        detail = f"  {ev.detail}" if ev.detail else ""
+        lines.append(f"{ev.t_ms:9.1f}  {_ARROWS[ev.direction]}  {ev.type}{detail}")
+    lines.append("")
+    lines.append("turns (caller speech end → first bot audio):")
+    for i, turn in enumerate(result.turns, 1):
+        if turn.latency_ms is None:
+            lines.append(f"  #{i}: speech end {turn.speech_end_ms:.0f} ms → no bot audio")
+        else:
+            lines.append(
+                f"  #{i}: speech end {turn.speech_end_ms:.0f} ms → first audio {turn.first_audio_ms:.0f} ms: "
+                f"latency {turn.latency_ms:.0f} ms"
+            )
+    if not result.turns:
+        lines.append("  (none)")
+    lines.append("bot play streams:")
+    for s in result.streams:
+        lines.append(
+            f"  {s.stream_id} ({s.media_format}): received {s.received_ms:.0f} ms, heard {s.heard_ms:.0f} ms, "
+            f"flushed {s.flushed_ms:.0f} ms, cut by call end {s.cut_ms:.0f} ms, underruns {s.underruns}"
+        )
+    if not result.streams:
+        lines.append("  (none)")
+    if result.speech_started_from_bot:
+        lines.append("bot speech.started at: " + ", ".join(f"{t:.0f} ms" for t in result.speech_started_from_bot))
+    if result.received_activities:
+        lines.append(f"activities from bot: {len(result.received_activities)}")
+    if result.script_timeouts:
+        lines.append(f"script waits timed out: {result.script_timeouts}")
+    lines.append(f"violations: {len(result.violations) + result.violations_suppressed}")
+    lines.extend(f"  - {v}" for v in result.violations)
+    return "\n".join(lines)
