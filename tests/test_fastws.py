@@ -95,3 +95,57 @@ async def test_send_after_peer_close_raises():
         with pytest.raises(EndpointClosed):
             await ep.send("x")
         await ep.close()
+
+
+class _NullTransport:
+    def __init__(self) -> None:
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def abort(self) -> None:
+        pass
+
+
+async def test_every_sender_blocked_on_a_full_buffer_is_released():
+    from websockets.protocol import State
+    from websockets.server import ServerProtocol
+    ep = FastEndpoint(ServerProtocol(state=State.OPEN), close_timeout_s=1, ping_interval_s=None)
+    ep.connection_made(_NullTransport())  # type: ignore[arg-type]
+    ep.pause_writing()
+    senders = [asyncio.create_task(ep.send(f"m{i}")) for i in range(3)]
+    await asyncio.sleep(0.01)
+    assert not any(t.done() for t in senders)
+    ep.resume_writing()
+    await asyncio.wait_for(asyncio.gather(*senders), 1)
+    ep.pause_writing()
+    blocked = asyncio.create_task(ep.send("x"))
+    await asyncio.sleep(0.01)
+    ep.connection_lost(None)              # a lost connection releases them with an error
+    with pytest.raises(EndpointClosed):
+        await asyncio.wait_for(blocked, 1)
+
+
+async def test_unfinished_http_upgrade_is_dropped(monkeypatch):
+    import voicebridge.fastws as fastws
+    monkeypatch.setattr(fastws, "OPEN_TIMEOUT_S", 0.2)
+
+    async def handler(ep: FastEndpoint) -> None:
+        raise AssertionError("never upgraded")
+
+    server, port = await start(handler)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+    assert await asyncio.wait_for(reader.read(), 3) == b""   # the server hung up
+    writer.close()
+    reader2, writer2 = await asyncio.open_connection("127.0.0.1", port)
+    writer2.write(b"GET / HTTP/1.1\r\n")
+    await asyncio.sleep(0.05)
+    server.close()                                           # aborts connections still in handshake
+    assert await asyncio.wait_for(reader2.read(), 3) == b""
+    writer2.close()
+    await asyncio.wait_for(server.wait_closed(), 5)

@@ -223,13 +223,13 @@ class Call:
         for task in (self._pacer_task, self._up_task):
             if task is not None and not task.done():
                 task.cancel()
-        await self._close_upstream()
         for task in (self._pacer_task, self._up_task):
-            if task is not None:
+            if task is not None:  # first let them finish: a dial completing now sets self.up
                 try:
                     await task
-                except BaseException:  # cancelled or already logged
+                except BaseException:  # cancelled, or already logged by the task
                     pass
+        await self._close_upstream()
         try:
             await asyncio.wait_for(self.ac.close(1000, "call ended"), 2.0)
         except Exception:
@@ -318,8 +318,15 @@ class Call:
             if type(ev) is chunk_t:
                 c.frames_up += 1
                 payload = ev.audioChunk  # type: ignore[union-attr]
+                if '"' in payload or "\\" in payload:  # not base64: would break the JSON template
+                    self._bad_audio("audioChunk is not base64")
+                    continue
                 if tc is not None:
-                    payload = tc.up(payload)
+                    try:
+                        payload = tc.up(payload)
+                    except ValueError as e:  # binascii.Error: not decodable base64
+                        self._bad_audio(f"audioChunk does not decode: {e}"[:120])
+                        continue
                     if not payload:
                         continue
                 if self._up_ready:
@@ -335,6 +342,10 @@ class Call:
                 continue
             if await self._on_ac_control(ev):
                 return
+
+    def _bad_audio(self, reason: str) -> None:
+        self.counters.bad_frames_in += 1
+        self._log_first_n("bad_audio", "call.bad_audio_chunk", reason=reason)
 
     def _buffer_early(self, payload: str) -> None:
         assert self._neg is not None
@@ -361,7 +372,7 @@ class Call:
         elif t is ac.UserStreamStop and self._tc is not None and self._up_ready:
             tail = self._tc.flush_up()  # the resampler's tail of the caller's last words
             if tail:
-                await self.up.send(self._app_prefix + tail + self._app_suffix)  # type: ignore[union-attr]
+                await self._send_up(self._app_prefix + tail + self._app_suffix)
         elif t is ac.UserStreamStart or t is ac.UserStreamStop:
             self.log.debug("call.user_stream", type=type(ev).__struct_config__.tag)
         else:
@@ -390,7 +401,7 @@ class Call:
         elif t is ac.Malformed:
             self.counters.bad_frames_in += 1
             self._log_first_n("malformed", "call.malformed_frame", reason=ev.reason)
-        elif t is ac.Ignored:
+        elif t is ac.Ignored and ev.type != "userStream.chunk":  # audio while ending: expected
             self._log_first_n("ignored", "call.message_ignored", type=ev.type, reason=ev.reason)
 
     def _log_once(self, key: str, event: str, **kw: Any) -> None:
@@ -420,12 +431,17 @@ class Call:
         except ConnectFailed as e:
             self._fail("openai_connect_failed", e.reason)
             return
+        except Exception as e:  # a bug must not leave the caller in silence with nothing logged
+            self.log.exception("call.upstream_internal_error")
+            self._fail("internal_error", f"{type(e).__name__}: {e}"[:200])
+            return
         connect_us = (perf_counter_ns() - t0) // 1000
         self.stats.openai_connect.record(connect_us)
         self.openai_connect_ms = round(connect_us / 1000, 1)
         self.up = up
-        if self._ending:
-            return  # _shutdown closes it
+        if self._ending:  # the call ended while we dialled: never keep a billed session open
+            up.abort()
+            return
         neg = self._neg
         try:
             await up.send(rt.session_update(self.cfg, neg.openai_format, neg.openai_format,
@@ -446,30 +462,36 @@ class Call:
             elif o.greeting:
                 h = asyncio.get_running_loop().call_later(
                     self.cfg.call.start_wait_ms / 1000.0,
-                    lambda: asyncio.ensure_future(self._greet_safely()))
+                    lambda: asyncio.ensure_future(self._greet()))
                 self._timers.append(h)
             await self._pump_down()
         except EndpointClosed as e:
-            if not self._ending:
-                self._fail("openai_closed", f"code={e.code} reason={e.reason}"[:200])
+            if self._ending or self.ac.close_code is not None:
+                return  # the VAIC side went away: the handler task ends the call
+            self._fail("openai_closed", f"code={e.code} reason={e.reason}"[:200])
+        except Exception as e:  # a bug must not leave the caller in silence with nothing logged
+            self.log.exception("call.upstream_internal_error")
+            self._fail("internal_error", f"{type(e).__name__}: {e}"[:200])
+
+    async def _send_up(self, frame: str) -> None:
+        """Send a control event upstream from outside the upstream task; a closed OpenAI socket
+        is noticed and handled by that task's reader, so it is not an error here."""
+        try:
+            await self.up.send(frame)  # type: ignore[union-attr]
+        except EndpointClosed:
+            pass
 
     async def _after_start(self) -> None:
         o = self.cfg.openai
         if "{callee}" in o.instructions or "{caller}" in o.instructions:
-            await self.up.send(rt.instructions_update(self._instructions()))  # type: ignore[union-attr]
+            await self._send_up(rt.instructions_update(self._instructions()))
         await self._greet()
 
     async def _greet(self) -> None:
         if self._greeted or not self.cfg.openai.greeting or not self._up_ready:
             return
         self._greeted = True
-        await self.up.send(rt.response_create(self.cfg.openai.greeting))  # type: ignore[union-attr]
-
-    async def _greet_safely(self) -> None:
-        try:
-            await self._greet()
-        except EndpointClosed:
-            pass
+        await self._send_up(rt.response_create(self.cfg.openai.greeting))
 
     # ------------------------------------------------------------------ model -> caller
     async def _pump_down(self) -> None:
@@ -488,8 +510,8 @@ class Call:
                 if ev.response_id != self._last_response:
                     self._first_delta_of_response(ev.response_id, t0)
                 self._on_delta(ev)
-                if not self._draining and playout.can_send_now(time.monotonic()):
-                    await self._drain()
+                if not self._draining:
+                    await self._drain()  # sends what is due, arms the pacer for the rest
                     if not playout.pending:  # all of it went out at once (not paced)
                         record_down((perf_counter_ns() - t0) // 1000)
                 continue
@@ -519,7 +541,11 @@ class Call:
         self._last_pushed_item = item
         payload = ev.delta
         if self._tc is not None:
-            payload = self._tc.down(payload, first_of_stream=first)
+            try:
+                payload = self._tc.down(payload, first_of_stream=first)
+            except ValueError as e:  # a delta that is not base64: skip it, say so once or twice
+                self._log_first_n("oai_bad_audio", "call.openai_bad_audio", reason=str(e)[:120])
+                return
         self._push_audio(item, payload, first)
 
     def _push_audio(self, item: str, payload: str, first: bool) -> None:
@@ -585,13 +611,15 @@ class Call:
         kind = rt.classify_error(err.code)
         fields = dict(code=err.code, error_type=err.type, message=(err.message or "")[:200],
                       param=err.param, client_event_id=err.event_id)
-        if kind == "benign":
-            self.log.info("call.openai_error_benign", **fields)
-        elif kind == "fatal":
+        if kind == "fatal":
             self.log.error("call.openai_error_fatal", **fields)
             self._fail("openai_error", f"{err.code}: {(err.message or '')[:120]}")
-        else:
-            self.log.warning("call.openai_error", **fields)
+            return
+        n = self._logged.get(f"oai_err:{code}", 0) + 1   # bounded: a bad stream errors per frame
+        self._logged[f"oai_err:{code}"] = n
+        if n <= _LOG_FIRST_N:
+            event = "call.openai_error_benign" if kind == "benign" else "call.openai_error"
+            (self.log.info if kind == "benign" else self.log.warning)(event, nth=n, **fields)
 
     def _check_session(self, session: dict[str, Any]) -> None:
         """Refuse to play audio in a format other than the one negotiated (garbage in the ear)."""
@@ -638,10 +666,16 @@ class Call:
     # ------------------------------------------------------------------ pacing
     async def _pacer(self) -> None:
         wake = self._wake
-        while True:
-            await wake.wait()
-            wake.clear()
-            await self._drain(paced=True)
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                await self._drain(paced=True)
+        except EndpointClosed:
+            return  # VAIC went away: the handler task ends the call
+        except Exception as e:
+            self.log.exception("call.pacer_internal_error")
+            self._fail("internal_error", f"{type(e).__name__}: {e}"[:200])
 
     def _arm(self, due: float, now: float) -> None:
         if self._pacer_timer is not None:

@@ -25,6 +25,7 @@ from collections import deque
 from typing import Any, Awaitable, Callable
 
 from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidURI
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
@@ -34,6 +35,16 @@ from websockets.uri import parse_uri
 from .transport import ConnectFailed, EndpointClosed
 
 _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
+OPEN_TIMEOUT_S = 10.0      # a client must finish the HTTP upgrade within this
+_tls: ssl_mod.SSLContext | None = None
+
+
+def _tls_context() -> ssl_mod.SSLContext:
+    """One shared client TLS context: creating one costs ~50 ms of blocked loop."""
+    global _tls
+    if _tls is None:
+        _tls = ssl_mod.create_default_context()
+    return _tls
 
 
 class FastEndpoint(asyncio.Protocol):
@@ -48,7 +59,7 @@ class FastEndpoint(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._fragments: list[bytes] = []
         self._paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self._drain_waiters: list[asyncio.Future[None]] = []   # every sender blocked on a full buffer
         self._lost = False
         self._lost_fut: asyncio.Future[None] = self._loop.create_future()
         self._close_timeout_s = close_timeout_s
@@ -56,6 +67,7 @@ class FastEndpoint(asyncio.Protocol):
         self._ping_handle: asyncio.TimerHandle | None = None
         self._awaiting_pong = False
         self._close_handle: asyncio.TimerHandle | None = None
+        self._open_handle: asyncio.TimerHandle | None = None
         # handshake hooks, set by the listener / dialer
         self.on_request: Callable[[FastEndpoint, Request], None] | None = None
         self.handshake: asyncio.Future[Response] | None = None
@@ -64,6 +76,16 @@ class FastEndpoint(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.on_request is not None:  # server side: bound the opening handshake
+            self._open_handle = self._loop.call_later(OPEN_TIMEOUT_S, self.abort)
+
+    def opened(self) -> None:
+        """The handshake is over (101 sent or received): stop its timer, start keepalive."""
+        if self._open_handle is not None:
+            self._open_handle.cancel()
+            self._open_handle = None
+        if self._ping_interval_s:
+            self._ping_handle = self._loop.call_later(self._ping_interval_s, self._ping_tick)
 
     def data_received(self, data: bytes) -> None:
         proto = self.proto
@@ -104,15 +126,14 @@ class FastEndpoint(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        for h in (self._ping_handle, self._close_handle):
+        for h in (self._ping_handle, self._close_handle, self._open_handle):
             if h is not None:
                 h.cancel()
         if not self._lost_fut.done():
             self._lost_fut.set_result(None)
         if self.handshake is not None and not self.handshake.done():
             self.handshake.set_exception(ConnectionError("connection lost during handshake"))
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
+        self._release_senders()
         self._wake()
 
     def pause_writing(self) -> None:
@@ -120,8 +141,13 @@ class FastEndpoint(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
+        self._release_senders()
+
+    def _release_senders(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     # ------------------------------------------------------------------ internals
     def _deliver(self, data: bytes) -> None:
@@ -144,7 +170,10 @@ class FastEndpoint(asyncio.Protocol):
             if data:
                 transport.write(data)
             elif transport.can_write_eof():
-                transport.write_eof()  # the protocol ended the stream (after a close)
+                try:
+                    transport.write_eof()  # the protocol ended the stream (after a close)
+                except (OSError, RuntimeError):  # uvloop raises when the socket is already gone
+                    pass
 
     def _expect_close(self) -> None:
         if self._close_handle is None and not self._lost:
@@ -152,12 +181,11 @@ class FastEndpoint(asyncio.Protocol):
 
     def _closed_error(self) -> EndpointClosed:
         p = self.proto
+        rcvd = p.close_rcvd  # known as soon as the peer's close frame arrived (state CLOSING)
+        if rcvd is not None:
+            return EndpointClosed(rcvd.code, rcvd.reason)
         code = p.close_code if p.close_code is not None else 1006
         return EndpointClosed(code, p.close_reason or "")
-
-    def start_keepalive(self) -> None:
-        if self._ping_interval_s:
-            self._ping_handle = self._loop.call_later(self._ping_interval_s, self._ping_tick)
 
     def _ping_tick(self) -> None:
         if self._lost or self.proto.state is not State.OPEN:
@@ -191,7 +219,7 @@ class FastEndpoint(asyncio.Protocol):
         self._flush()
         if self._paused:
             fut = self._loop.create_future()
-            self._drain_waiter = fut
+            self._drain_waiters.append(fut)
             await fut
             if self._lost:
                 raise self._closed_error()
@@ -202,6 +230,7 @@ class FastEndpoint(asyncio.Protocol):
         if self.proto.state is State.OPEN:
             self.proto.send_close(code, reason)
             self._flush()
+        self._expect_close()  # aborts after close_timeout_s even if this coroutine is cancelled
         try:
             await asyncio.wait_for(asyncio.shield(self._lost_fut), self._close_timeout_s)
         except (asyncio.TimeoutError, TimeoutError):
@@ -242,13 +271,16 @@ class FastServer:
         self._ping_interval_s = ping_interval_s
         self._server_header = server_header
         self._server: asyncio.base_events.Server | None = None
-        self._conns: set[FastEndpoint] = set()
+        self._conns: set[FastEndpoint] = set()      # upgraded connections
+        self._all: set[FastEndpoint] = set()        # every accepted TCP connection
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _make(self) -> FastEndpoint:
         ep = FastEndpoint(ServerProtocol(max_size=self._max_size),
                           close_timeout_s=self._close_timeout_s, ping_interval_s=self._ping_interval_s)
         ep.on_request = self._on_request
+        self._all.add(ep)
+        ep._lost_fut.add_done_callback(lambda _: self._all.discard(ep))
         return ep
 
     def _on_request(self, ep: FastEndpoint, request: Request) -> None:
@@ -267,7 +299,7 @@ class FastServer:
             ep._expect_close()
             return
         self._conns.add(ep)
-        ep.start_keepalive()
+        ep.opened()
         task = asyncio.get_running_loop().create_task(self._run(ep))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -291,8 +323,11 @@ class FastServer:
         assert self._server is not None
         self._server.close()
         if close_connections:
-            for ep in list(self._conns):
-                asyncio.get_running_loop().create_task(ep.close(1001, "server shutting down"))
+            for ep in list(self._all):
+                if ep in self._conns:
+                    asyncio.get_running_loop().create_task(ep.close(1001, "server shutting down"))
+                else:
+                    ep.abort()  # never upgraded (or still in its handshake)
 
     async def wait_closed(self) -> None:
         if self._tasks:
@@ -305,27 +340,32 @@ async def fast_dial(url: str, headers: dict[str, str], *, timeout_s: float, max_
                     close_timeout_s: float, ping_interval_s: float | None = 20.0) -> FastEndpoint:
     """Client side of `transport.dial` on the lean transport (ws:// and wss://)."""
     loop = asyncio.get_running_loop()
-    uri = parse_uri(url)
-    ssl_ctx = ssl_mod.create_default_context() if uri.secure else None
 
     async def connect() -> FastEndpoint:
+        uri = parse_uri(url)
+        ssl_ctx = _tls_context() if uri.secure else None
         proto = ClientProtocol(uri, max_size=max_size)
         ep = FastEndpoint(proto, close_timeout_s=close_timeout_s, ping_interval_s=ping_interval_s)
         await loop.create_connection(lambda: ep, uri.host, uri.port, ssl=ssl_ctx,
                                      server_hostname=uri.host if ssl_ctx else None)
-        ep.handshake = loop.create_future()
-        request = proto.connect()
-        for k, v in headers.items():
-            request.headers[k] = v
-        request.headers["User-Agent"] = "voicebridge"
-        proto.send_request(request)
-        ep._flush()
-        response = await ep.handshake
-        if proto.handshake_exc is not None or response.status_code != 101:
+        try:  # from here on the socket is ours: never leave it open (an open session is billed)
+            ep.handshake = loop.create_future()
+            request = proto.connect()
+            for k, v in headers.items():
+                request.headers[k] = v
+            request.headers["User-Agent"] = "voicebridge"
+            proto.send_request(request)
+            ep._flush()
+            response = await ep.handshake
+            if response.status_code != 101:
+                raise ConnectFailed(f"upstream refused the websocket: HTTP {response.status_code}",
+                                    response.status_code)
+            if proto.handshake_exc is not None:
+                raise ConnectFailed(f"upstream handshake invalid: {proto.handshake_exc}"[:200])
+        except BaseException:
             ep.abort()
-            raise ConnectFailed(f"upstream refused the websocket: HTTP {response.status_code}",
-                                response.status_code)
-        ep.start_keepalive()
+            raise
+        ep.opened()
         return ep
 
     try:
@@ -334,5 +374,5 @@ async def fast_dial(url: str, headers: dict[str, str], *, timeout_s: float, max_
         raise
     except (asyncio.TimeoutError, TimeoutError):
         raise ConnectFailed(f"upstream connect timed out after {timeout_s:g} s") from None
-    except (OSError, ConnectionError) as e:
+    except (OSError, ConnectionError, ValueError, InvalidURI) as e:  # a URL parse_uri rejects
         raise ConnectFailed(f"upstream connect failed: {type(e).__name__}: {e}"[:200]) from None

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 
 class EndpointClosed(Exception):
@@ -99,6 +99,6 @@ async def dial(url: str, headers: dict[str, str], *, timeout_s: float, max_size:
         raise ConnectFailed(f"upstream refused the websocket: HTTP {status}", status) from None
     except (asyncio.TimeoutError, TimeoutError):
         raise ConnectFailed(f"upstream connect timed out after {timeout_s:g} s") from None
-    except (OSError, InvalidHandshake) as e:
+    except (OSError, InvalidHandshake, InvalidURI, ValueError) as e:
         raise ConnectFailed(f"upstream connect failed: {type(e).__name__}: {e}"[:200]) from None
     return WsEndpoint(ws)
