@@ -509,10 +509,10 @@ class Call:
             if type(ev) is delta_t:
                 if ev.response_id != self._last_response:
                     self._first_delta_of_response(ev.response_id, t0)
-                self._on_delta(ev)
+                queued = self._on_delta(ev)
                 if not self._draining:
                     await self._drain()  # sends what is due, arms the pacer for the rest
-                    if not playout.pending:  # all of it went out at once (not paced)
+                    if queued and not playout.pending:  # all of it went out at once (not paced)
                         record_down((perf_counter_ns() - t0) // 1000)
                 continue
             await self._on_event(ev, t0)
@@ -524,12 +524,13 @@ class Call:
             self.stats.model_ttfa.record((t0 - self._t_speech_stop_ns) // 1000)
             self._t_speech_stop_ns = 0
 
-    def _on_delta(self, ev: rt.AudioDelta) -> None:
+    def _on_delta(self, ev: rt.AudioDelta) -> bool:
+        """Queue one delta's audio for playout; False when nothing was queued (dropped)."""
         c = self.counters
         c.deltas += 1
         if ev.response_id in self._cancelled:
             c.late_deltas_dropped += 1
-            return
+            return False
         neg = self._neg
         assert neg is not None
         item = ev.item_id
@@ -545,13 +546,13 @@ class Call:
                 payload = self._tc.down(payload, first_of_stream=first)
             except ValueError as e:  # a delta that is not base64: skip it, say so once or twice
                 self._log_first_n("oai_bad_audio", "call.openai_bad_audio", reason=str(e)[:120])
-                return
-        self._push_audio(item, payload, first)
+                return False
+        return self._push_audio(item, payload, first)
 
-    def _push_audio(self, item: str, payload: str, first: bool) -> None:
+    def _push_audio(self, item: str, payload: str, first: bool) -> bool:
         """Queue AudioCodes-format audio for playout, in pieces of at most `max_chunk_ms`."""
         if not payload:
-            return
+            return False
         neg = self._neg
         assert neg is not None
         bpm = neg.ac.bytes_per_ms
@@ -560,6 +561,7 @@ class Call:
             if not self.playout.push_chunk(item, piece, ms_of_b64(piece, bpm) - header_ms):
                 self.counters.playout_refused += 1
             header_ms = 0.0
+        return True
 
     async def _on_event(self, ev: Any, t0: int) -> None:
         t = type(ev)
