@@ -113,23 +113,12 @@ class Playout:
         self.sent_ms += e.ms
         return Taken(stop_first, start, e)
 
-    def can_send_now(self, now: float) -> bool:
-        """True when the head entry is due (the fast path of the down pump)."""
-        d = self.due(now)
-        return d is not None and d <= now
-
     # -- what the caller heard
     def heard_ms(self, now: float) -> float:
         if self.open_item is None:
             return 0.0
         left = self.play_end_t - now
         return self.sent_ms - left * 1000.0 if left > 0 else self.sent_ms
-
-    def playing(self, now: float) -> bool:
-        """Assistant audio is audible now or queued to be."""
-        if self.open_item is not None and self.play_end_t > now:
-            return True
-        return any(e.kind == CHUNK for e in self.pending)
 
     def interrupt(self, now: float) -> Interruption:
         """Barge-in: drop everything pending and close the open stream.
