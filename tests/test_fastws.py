@@ -149,3 +149,39 @@ async def test_unfinished_http_upgrade_is_dropped(monkeypatch):
     assert await asyncio.wait_for(reader2.read(), 3) == b""
     writer2.close()
     await asyncio.wait_for(server.wait_closed(), 5)
+
+
+async def test_receive_queue_is_bounded_by_pausing_the_socket():
+    import voicebridge.fastws as fastws
+    n, size = 400, 100_000                    # 40 MB in all, far more than the kernel buffers hold
+    got: list[bytes] = []
+    reading = asyncio.Event()
+    endpoints: list[FastEndpoint] = []
+
+    async def handler(ep: FastEndpoint) -> None:
+        endpoints.append(ep)
+        await reading.wait()                  # a reader that lags behind
+        while len(got) < n:
+            got.append(await ep.recv())
+
+    server, port = await start(handler)
+    async with connect(f"ws://127.0.0.1:{port}/", max_size=None) as ws:
+        async def sender() -> None:
+            for i in range(n):
+                await ws.send(f"{i:06d}" + "x" * (size - 6))
+
+        task = asyncio.create_task(sender())
+        await asyncio.sleep(0.5)
+        ep = endpoints[0]
+        # one socket read (<= 256 KiB) may land past the limit before reading pauses
+        assert ep._reading_paused and len(ep._queue) <= fastws.MAX_QUEUED_MESSAGES + 256_000 // size + 1
+        assert not task.done()                # the sender feels the backpressure
+        reading.set()
+        await asyncio.wait_for(task, 10)
+        for _ in range(500):
+            if len(got) == n:
+                break
+            await asyncio.sleep(0.01)
+    server.close()
+    await asyncio.wait_for(server.wait_closed(), 5)
+    assert [int(m[:6]) for m in got] == list(range(n))     # nothing lost, in order

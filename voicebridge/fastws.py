@@ -13,8 +13,8 @@ Contract, identical to `transport.WsEndpoint`:
   (backpressure), otherwise it completes without yielding to the loop;
 - `close(code, reason)` runs the close handshake, bounded by `close_timeout_s`, then aborts;
 - keepalive: a ping every `ping_interval_s`; no pong by the next ping aborts the connection.
-Everything is bounded: the receive queue by the peer's sending rate only while the reader lags,
-which the call's pumps never let happen for long (they read continuously).
+Everything is bounded: past `MAX_QUEUED_MESSAGES` unread messages the socket stops being read
+(TCP backpressure on the sender) until the reader catches up.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from .transport import ConnectFailed, EndpointClosed
 
 _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
 OPEN_TIMEOUT_S = 10.0      # a client must finish the HTTP upgrade within this
+MAX_QUEUED_MESSAGES = 64   # received but not yet read: beyond this, stop reading the socket
 _tls: ssl_mod.SSLContext | None = None
 
 
@@ -56,6 +57,7 @@ class FastEndpoint(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._queue: deque[bytes] = deque()
+        self._reading_paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._fragments: list[bytes] = []
         self._paused = False
@@ -152,6 +154,9 @@ class FastEndpoint(asyncio.Protocol):
     # ------------------------------------------------------------------ internals
     def _deliver(self, data: bytes) -> None:
         self._queue.append(data)
+        if len(self._queue) > MAX_QUEUED_MESSAGES and not self._reading_paused and self.transport:
+            self._reading_paused = True  # bounded memory: TCP backpressure on a fast sender
+            self.transport.pause_reading()
         self._wake()
 
     def _wake(self) -> None:
@@ -204,6 +209,10 @@ class FastEndpoint(asyncio.Protocol):
     async def recv(self) -> bytes:
         while True:
             if self._queue:
+                if self._reading_paused and len(self._queue) <= MAX_QUEUED_MESSAGES // 2:
+                    self._reading_paused = False
+                    if self.transport is not None and not self._lost:
+                        self.transport.resume_reading()
                 return self._queue.popleft()
             if self._lost or self.proto.state is not State.OPEN:
                 raise self._closed_error()
