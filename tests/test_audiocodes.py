@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import msgspec
 from hypothesis import given, settings, strategies as st
 
 from voicebridge import audiocodes as ac

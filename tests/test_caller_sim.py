@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 

@@ -172,7 +172,7 @@ async def test_benign_openai_errors_do_not_end_the_call(logs):
 @pytest.mark.parametrize("how", ["drop", "session.end"])
 async def test_vaic_gone_closes_openai_within_a_second(how, logs):
     async with running(fast_fake(reply_ms=[3000])) as (fake, bridge):
-        res = await run_call(CallerConfig(
+        await run_call(CallerConfig(
             url=vaic_url(bridge), token=TOKEN, hangup="drop" if how == "drop" else "caller",
             script=[Speak(600), WaitForBot(400)]))            # hang up while the bot talks
         t_end = time.monotonic()

@@ -242,7 +242,7 @@ class Call:
         st.barge_ins += c.barge_ins
         st.late_deltas_dropped += c.late_deltas_dropped
         st.early_audio_dropped += c.early_dropped
-        self.log.info("call.end", reason=self.end_reason or "unknown", detail=self.end_detail,
+        self.log.info("call.end", reason=reason, detail=self.end_detail,
                       duration_s=round(time.monotonic() - self.started, 3), format=self.format,
                       frames_up=c.frames_up, frames_down=c.frames_down, deltas=c.deltas,
                       barge_ins=c.barge_ins, truncates=c.truncates,
@@ -409,11 +409,12 @@ class Call:
             self._logged[key] = 1
             self.log.info(event, **kw)
 
-    def _log_first_n(self, key: str, event: str, **kw: Any) -> None:
+    def _log_first_n(self, key: str, event: str, level: str = "warning", **kw: Any) -> None:
+        """Log the first `_LOG_FIRST_N` occurrences per key and call: bad input can repeat per frame."""
         n = self._logged.get(key, 0) + 1
         self._logged[key] = n
         if n <= _LOG_FIRST_N:
-            self.log.warning(event, nth=n, **kw)
+            getattr(self.log, level)(event, nth=n, **kw)
 
     # ------------------------------------------------------------------ upstream
     def _instructions(self) -> str:
@@ -617,11 +618,10 @@ class Call:
             self.log.error("call.openai_error_fatal", **fields)
             self._fail("openai_error", f"{err.code}: {(err.message or '')[:120]}")
             return
-        n = self._logged.get(f"oai_err:{code}", 0) + 1   # bounded: a bad stream errors per frame
-        self._logged[f"oai_err:{code}"] = n
-        if n <= _LOG_FIRST_N:
-            event = "call.openai_error_benign" if kind == "benign" else "call.openai_error"
-            (self.log.info if kind == "benign" else self.log.warning)(event, nth=n, **fields)
+        if kind == "benign":
+            self._log_first_n(f"oai_err:{code}", "call.openai_error_benign", "info", **fields)
+        else:
+            self._log_first_n(f"oai_err:{code}", "call.openai_error", **fields)
 
     def _check_session(self, session: dict[str, Any]) -> None:
         """Refuse to play audio in a format other than the one negotiated (garbage in the ear)."""

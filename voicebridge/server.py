@@ -21,7 +21,7 @@ import time
 from collections import deque
 from typing import Any
 
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import Server, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 

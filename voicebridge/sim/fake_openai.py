@@ -50,7 +50,7 @@ from websockets.http11 import Request, Response
 
 from voicebridge.sim.fake_openai_audio import (
     _aligned_freq,
-    _EnergyVad,  # not in __all__; tests/test_fake_openai.py imports it from here
+    _EnergyVad,  # noqa: F401  not in __all__; tests/test_fake_openai.py imports it from here
     bytes_per_ms,
     decode_audio,
     encode_audio,
