@@ -94,8 +94,15 @@ class Bridge:
         self.dir = Path(tempfile.mkdtemp(prefix="vb-bench-"))
         self.config = self.dir / "bench.toml"
         self.logfile = self.dir / "bridge.log"
+        # a bridge with the hardening bounds has an admin listener for /health and a call cap;
+        # an older checkout (an A/B against it) knows neither key and would refuse them
+        src = (Path(opts.bridge_dir) / "voicebridge" / "config.py").read_text()
+        self.admin_port = free_port() if "admin_port" in src else None
+        bounded = (f'admin_port = {self.admin_port}\nmax_calls = 5000\n'
+                   if self.admin_port is not None else "")
         self.config.write_text(
-            f'[server]\nhost = "127.0.0.1"\nport = {self.port}\ntransport = "{opts.transport}"\n\n'
+            f'[server]\nhost = "127.0.0.1"\nport = {self.port}\ntransport = "{opts.transport}"\n'
+            f'{bounded}\n'
             f'[openai]\nurl = "ws://127.0.0.1:{upstream_port}/v1/realtime"\n\n'
             f'[audio]\nformat_preference = ["raw/lpcm16_24"]\nplayout_lead_ms = {LEAD_MS}\n\n'
             f'[log]\nlevel = "warning"\n')
@@ -131,7 +138,8 @@ class Bridge:
         return self.proc.pid
 
     def health(self) -> dict | None:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+        port = self.admin_port if self.admin_port is not None else self.port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
             return json.loads(r.read()) if r.status == 200 else None
 
     def log_tail(self, n: int = 20) -> str:

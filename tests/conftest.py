@@ -43,7 +43,7 @@ def logs() -> LogCapture:
 
 def bridge_config(fake: FakeRealtimeServer, **sections: dict[str, Any]) -> Config:
     over: dict[str, dict[str, Any]] = {
-        "server": {"host": "127.0.0.1", "port": 0, "transport": TRANSPORT.get()},
+        "server": {"host": "127.0.0.1", "port": 0, "admin_port": 0, "transport": TRANSPORT.get()},
         "openai": {"url": f"ws://127.0.0.1:{fake.port}/v1/realtime", "connect_timeout_s": 3.0},
         "call": {"hangup_grace_s": 2.0},
     }

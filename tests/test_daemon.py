@@ -31,9 +31,10 @@ def get(url: str) -> tuple[int, bytes]:
 
 @pytest.fixture
 def daemon(tmp_path):
-    port = free_port()
+    port, admin = free_port(), free_port()
     env = {**os.environ, "VOICEBRIDGE_TOKEN": "daemon-test-token", "OPENAI_API_KEY": "sk-never-logged",
-           "VOICEBRIDGE_SERVER_HOST": "127.0.0.1", "VOICEBRIDGE_SERVER_PORT": str(port)}
+           "VOICEBRIDGE_SERVER_HOST": "127.0.0.1", "VOICEBRIDGE_SERVER_PORT": str(port),
+           "VOICEBRIDGE_SERVER_ADMIN_PORT": str(admin)}
     out = tmp_path / "out.log"
     with open(out, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "voicebridge", "--config", str(ROOT / "config.toml")],
@@ -42,11 +43,11 @@ def daemon(tmp_path):
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
-                get(f"http://127.0.0.1:{port}/health")
+                get(f"http://127.0.0.1:{admin}/health")
                 break
             except OSError:
                 time.sleep(0.05)
-        yield proc, port, out
+        yield proc, port, admin, out
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -54,12 +55,18 @@ def daemon(tmp_path):
 
 
 def test_daemon_health_metrics_sigusr1_sigterm(daemon):
-    proc, port, out = daemon
-    status, body = get(f"http://127.0.0.1:{port}/health")
+    proc, port, admin, out = daemon
+    status, body = get(f"http://127.0.0.1:{port}/health")        # public: cheap liveness
+    live = json.loads(body)
+    assert status == 200 and live["status"] == "ok" and "latency_us" not in live
+    with pytest.raises(urllib.error.HTTPError) as e:             # metrics: admin listener only
+        get(f"http://127.0.0.1:{port}/metrics")
+    assert e.value.code == 404
+    status, body = get(f"http://127.0.0.1:{admin}/health")
     health = json.loads(body)
     assert status == 200 and health["status"] == "ok" and health["active_calls"] == 0
     assert set(health["latency_us"]) >= {"up_forward", "down_forward", "barge_in"}
-    status, body = get(f"http://127.0.0.1:{port}/metrics")
+    status, body = get(f"http://127.0.0.1:{admin}/metrics")
     names = {f.name for f in text_string_to_metric_families(body.decode())}
     assert "voicebridge_up_forward_seconds" in names and "voicebridge_calls_active" in names
     proc.send_signal(signal.SIGUSR1)

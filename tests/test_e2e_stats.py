@@ -21,8 +21,8 @@ async def test_stats_after_a_call_with_barge_in():
     async with running(fast_fake(reply_ms=[3000])) as (fake, bridge):
         res = await run_call(CallerConfig(url=vaic_url(bridge), token=TOKEN, script=[
             Speak(600), BargeIn(after_heard_ms=600, ms=600), WaitForBot(5000), Silence(100)]))
-        health = json.loads(await asyncio.to_thread(fetch, bridge.port, "/health"))
-        metrics = (await asyncio.to_thread(fetch, bridge.port, "/metrics")).decode()
+        health = json.loads(await asyncio.to_thread(fetch, bridge.admin_port, "/health"))
+        metrics = (await asyncio.to_thread(fetch, bridge.admin_port, "/metrics")).decode()
         st = bridge.stats
         early = bridge.finished[-1].counters.early_buffered
     lat = health["latency_us"]

@@ -15,8 +15,8 @@ from voicebridge.transport import ConnectFailed, EndpointClosed
 
 async def start(handler, **kw) -> tuple[FastServer, int]:
     server = FastServer(handler, lambda conn, req: None, max_size=1 << 20,
-                        close_timeout_s=kw.get("close_timeout_s", 1.0),
-                        ping_interval_s=kw.get("ping_interval_s"), server_header="t")
+                        close_timeout_s=kw.pop("close_timeout_s", 1.0),
+                        ping_interval_s=kw.pop("ping_interval_s", None), server_header="t", **kw)
     await server.start("127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1]
 
@@ -100,44 +100,65 @@ async def test_send_after_peer_close_raises():
 class _NullTransport:
     def __init__(self) -> None:
         self.written = 0
+        self.aborted = False
 
     def write(self, data: bytes) -> None:
         self.written += len(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.written            # nothing ever leaves: a peer that does not read
 
     def can_write_eof(self) -> bool:
         return False
 
     def abort(self) -> None:
-        pass
+        self.aborted = True
 
 
-async def test_every_sender_blocked_on_a_full_buffer_is_released():
+def _open_endpoint(**limits) -> tuple[FastEndpoint, _NullTransport]:
     from websockets.protocol import State
     from websockets.server import ServerProtocol
-    ep = FastEndpoint(ServerProtocol(state=State.OPEN), close_timeout_s=1, ping_interval_s=None)
-    ep.connection_made(_NullTransport())  # type: ignore[arg-type]
+    from voicebridge.transport import Limits
+    ep = FastEndpoint(ServerProtocol(state=State.OPEN), close_timeout_s=1, ping_interval_s=None,
+                      limits=Limits(**limits))
+    tr = _NullTransport()
+    ep.connection_made(tr)  # type: ignore[arg-type]
+    return ep, tr
+
+
+async def test_send_never_waits_and_a_full_send_buffer_aborts():
+    ep, tr = _open_endpoint(send_buffer_bytes=10_000, send_timeout_s=60)
+    ep.pause_writing()                     # the peer stopped reading
+    for i in range(10):                    # below the bound: each send completes at once
+        await asyncio.wait_for(ep.send("x" * 900), 0.5)
+    assert not tr.aborted
+    with pytest.raises(EndpointClosed) as e:
+        for _ in range(10):
+            await asyncio.wait_for(ep.send("x" * 900), 0.5)
+    assert tr.aborted and e.value.cause == "send_buffer_full" and e.value.code == 1006
+
+
+async def test_writes_paused_too_long_abort():
+    ep, tr = _open_endpoint(send_timeout_s=0.05)
     ep.pause_writing()
-    senders = [asyncio.create_task(ep.send(f"m{i}")) for i in range(3)]
-    await asyncio.sleep(0.01)
-    assert not any(t.done() for t in senders)
-    ep.resume_writing()
-    await asyncio.wait_for(asyncio.gather(*senders), 1)
+    await asyncio.sleep(0.02)
+    ep.resume_writing()                    # caught up in time: nothing happens
+    await asyncio.sleep(0.08)
+    assert not tr.aborted
     ep.pause_writing()
-    blocked = asyncio.create_task(ep.send("x"))
-    await asyncio.sleep(0.01)
-    ep.connection_lost(None)              # a lost connection releases them with an error
-    with pytest.raises(EndpointClosed):
-        await asyncio.wait_for(blocked, 1)
+    await asyncio.sleep(0.15)
+    assert tr.aborted
+    ep.connection_lost(None)
+    with pytest.raises(EndpointClosed) as e:
+        await ep.recv()
+    assert e.value.cause == "send_timeout"
 
 
-async def test_unfinished_http_upgrade_is_dropped(monkeypatch):
-    import voicebridge.fastws as fastws
-    monkeypatch.setattr(fastws, "OPEN_TIMEOUT_S", 0.2)
-
+async def test_unfinished_http_upgrade_is_dropped():
     async def handler(ep: FastEndpoint) -> None:
         raise AssertionError("never upgraded")
 
-    server, port = await start(handler)
+    server, port = await start(handler, handshake_timeout_s=0.2)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never the rest
     assert await asyncio.wait_for(reader.read(), 3) == b""   # the server hung up
@@ -175,6 +196,7 @@ async def test_receive_queue_is_bounded_by_pausing_the_socket():
         ep = endpoints[0]
         # one socket read (<= 256 KiB) may land past the limit before reading pauses
         assert ep._reading_paused and len(ep._queue) <= fastws.MAX_QUEUED_MESSAGES + 256_000 // size + 1
+        assert ep._queued_bytes <= ep.limits.recv_queue_bytes + 256_000
         assert not task.done()                # the sender feels the backpressure
         reading.set()
         await asyncio.wait_for(task, 10)

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"voicebridge: invalid configuration: {e}", file=sys.stderr)
         return 2
-    setup(cfg.log.level)
+    setup(cfg.log.level, rate_limit_per_s=cfg.log.rate_limit_per_s)
     if cfg.openai.provider == "openai" and not secrets.openai_api_key:
         get_logger().warning("config.no_openai_key", hint="set OPENAI_API_KEY; calls will fail to connect")
     if cfg.openai.provider == "azure" and not secrets.azure_api_key:
@@ -34,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print("configuration OK")
         return 0
-    uvloop.run(Bridge(cfg, secrets).serve_forever())
+    try:
+        uvloop.run(Bridge(cfg, secrets).serve_forever())
+    except OSError as e:  # e.g. the port is in use: one clear line, not a traceback
+        get_logger().error("server.start_failed", error=str(e)[:200], host=cfg.server.host,
+                           port=cfg.server.port, admin_port=cfg.server.admin_port)
+        return 1
     return 0
 
 

@@ -263,27 +263,32 @@ class AcProtocol:
 
     # -- input
     def receive(self, frame: str | bytes) -> AcEvent:
-        """Decode one frame and apply it. Never raises for bad input."""
+        """Decode one frame and apply it. Never raises for bad input (deep nesting included:
+        msgspec raises RecursionError for it, which becomes a Malformed/Rejected here)."""
         try:
             msg = _decoder.decode(frame)
         except msgspec.DecodeError as e:
-            return self._bad_frame(frame, e)
+            return self._bad_frame(frame, str(e))
+        except RecursionError:
+            return self._malformed("JSON nested too deeply")
         if type(msg) is UserStreamChunk and self.state is AcState.ACTIVE:
             return msg
         return self._control(msg)
 
-    def _bad_frame(self, frame: str | bytes, err: msgspec.DecodeError) -> AcEvent:
+    def _malformed(self, reason: str) -> AcEvent:
+        return self._reject_first(reason) if self.state is AcState.WAIT_INITIATE else Malformed(reason)
+
+    def _bad_frame(self, frame: str | bytes, err: str) -> AcEvent:
         try:
             env = _envelope_decoder.decode(frame)
         except msgspec.DecodeError:
-            reason = f"not a JSON object: {str(err)[:120]}"
-            return self._reject_first(reason) if self.state is AcState.WAIT_INITIATE else Malformed(reason)
+            return self._malformed(f"not a JSON object: {err[:120]}")
+        except RecursionError:
+            return self._malformed("JSON nested too deeply")
         if not isinstance(env.type, str):
-            reason = "message has no string 'type'"
-            return self._reject_first(reason) if self.state is AcState.WAIT_INITIATE else Malformed(reason)
+            return self._malformed("message has no string 'type'")
         if env.type in _KNOWN_TYPES:
-            reason = f"bad fields in {env.type}: {str(err)[:160]}"
-            return self._reject_first(reason) if self.state is AcState.WAIT_INITIATE else Malformed(reason)
+            return self._malformed(f"bad fields in {env.type}: {err[:160]}")
         return UnknownMessage(env.type[:64])
 
     def _reject_first(self, reason: str) -> Rejected:

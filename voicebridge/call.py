@@ -30,14 +30,26 @@ from . import audiocodes as ac
 from . import realtime as rt
 from .audio import (WAV_HEADER_ON_PLAY_START, NoCommonFormat, Negotiated, make_transcoder,
                     ms_of_b64, negotiate, wav_header)
+from .bounds import ID_CHARS, OnceKeys, clip, clip_list, is_b64
 from .config import Config, Secrets
-from .log import get_logger
+from .log import exc_fields, get_logger
 from .playout import CHUNK, Playout, Taken, piece_chars, split_b64
 from .stats import Stats
-from .transport import ConnectFailed, Endpoint, EndpointClosed, dial
+from .transport import ConnectFailed, Endpoint, EndpointClosed, Limits, dial
 
 Dialer = Callable[..., Awaitable[Endpoint]]
 _LOG_FIRST_N = 5          # per call, for repeated bad-input log lines
+# call.end reason when the VAIC socket ended, by EndpointClosed.cause (None: VAIC closed it)
+VAIC_END_REASONS = {None: "vaic_closed", "closed": "vaic_closed",
+                    "frame_too_big": "vaic_frame_too_big", "protocol_error": "vaic_protocol_error",
+                    "keepalive_timeout": "vaic_keepalive_timeout", "shutdown": "server_shutdown",
+                    "send_buffer_full": "vaic_not_reading", "send_timeout": "vaic_not_reading"}
+
+
+def limits_of(cfg: Config) -> Limits:
+    s = cfg.server
+    return Limits(send_buffer_bytes=s.send_buffer_bytes, send_timeout_s=s.send_timeout_s,
+                  recv_queue_bytes=s.recv_queue_bytes, max_fragments=s.max_fragments)
 
 
 class CallCounters(msgspec.Struct):
@@ -88,7 +100,9 @@ class Call:
         self._ending = False
         self._start_seen = False
         self._greeted = False
-        self._logged: dict[str, int] = {}
+        self._logged = OnceKeys()
+        self._session_seen = 0            # 1: session.created, 2: session.updated (bits)
+        self._last_audio_ns = perf_counter_ns()   # caller audio received (idle timeout)
 
         self._neg: Negotiated | None = None
         self._tc: Any = None
@@ -119,12 +133,19 @@ class Call:
             if init is not None and await self._begin(init):
                 await self._pump_up()
         except EndpointClosed as e:
-            self._set_end("vaic_closed", f"code={e.code}")
+            self._set_end(VAIC_END_REASONS.get(e.cause, "vaic_closed"), f"code={e.code}")
         except Exception as e:  # never a traceback towards the caller: log and end cleanly
             self._set_end("internal_error", f"{type(e).__name__}: {e}"[:200])
-            self.log.exception("call.internal_error")
+            self.log.error("call.internal_error", **exc_fields(e))
         finally:
             await self._shutdown()
+
+    def abort(self) -> None:
+        """Abort both sockets at once (a forced shutdown); the tasks then end the call."""
+        self._set_end("server_shutdown", "aborted")
+        if self.up is not None:
+            self.up.abort()
+        self.ac.abort()
 
     def _set_end(self, reason: str, detail: str = "") -> None:
         if not self.end_reason:
@@ -132,11 +153,12 @@ class Call:
 
     async def _await_initiate(self) -> ac.SessionInitiate | None:
         """Read until session.initiate; answer connection.validate; reject anything else."""
-        deadline = self.started + 10.0
+        wait_s = self.cfg.call.initiate_timeout_s
+        deadline = self.started + wait_s
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                self._set_end("no_initiate", "no session.initiate within 10 s")
+                self._set_end("no_initiate", f"no session.initiate within {wait_s:g} s")
                 return None
             try:
                 frame = await asyncio.wait_for(self.ac.recv(), left)
@@ -155,16 +177,16 @@ class Call:
             if t is ac.Rejected:
                 self._set_end("rejected", ev.reason)  # type: ignore[union-attr]
                 self.stats.calls_rejected += 1
-                self.log.warning("call.rejected", reason=ev.reason)  # type: ignore[union-attr]
+                self.log.warning("call.rejected", reason=clip(ev.reason))  # type: ignore[union-attr]
                 await self._close_ac_after_error()
                 return None
             self._note_bad(ev)
 
     async def _begin(self, init: ac.SessionInitiate) -> bool:
-        self.call_id = self.call_id or init.conversationId
+        self.call_id = self.call_id or clip(init.conversationId, ID_CHARS)
         self.log = get_logger(call_id=self.call_id)
-        self.caller = init.caller or ""
-        offered = list(init.supportedMediaFormats)
+        self.caller = clip(init.caller, ID_CHARS)
+        offered = init.supportedMediaFormats
         if not init.expectAudioMessages:
             return await self._decline("expectAudioMessages is false: this bot answers with audio "
                                        "(enable directTTS on the bot in VoiceAI Connect)", offered)
@@ -181,21 +203,24 @@ class Call:
         # Dial OpenAI at once, in parallel with answering VAIC.
         self._up_task = asyncio.create_task(self._upstream(), name=f"upstream-{self.call_id}")
         self._pacer_task = asyncio.create_task(self._pacer(), name=f"pacer-{self.call_id}")
+        self._last_audio_ns = perf_counter_ns()
+        self._timers.append(asyncio.get_running_loop().call_later(
+            self.cfg.call.idle_timeout_s / 4, self._check_idle))
         self.proto.accept(neg.ac.name)
         await self._flush_ac()
         self.stats.call_setup.record((perf_counter_ns() - self._t_initiate_ns) // 1000)
         self.stats.calls_total += 1
-        self.log.info("call.start", conversation_id=init.conversationId, caller=self.caller,
-                      bot=init.botName, offered=offered, format=neg.ac.name,
+        self.log.info("call.start", conversation_id=self.call_id, caller=self.caller,
+                      bot=clip(init.botName, ID_CHARS), offered=clip_list(offered), format=neg.ac.name,
                       openai_format=neg.openai_format["type"], passthrough=neg.passthrough)
         return True
 
     async def _decline(self, reason: str, offered: list[str]) -> bool:
         self.stats.calls_rejected += 1
-        self.proto.reject(reason)
+        self.proto.reject(clip(reason))
         await self._flush_ac()
         self._set_end("declined", reason)
-        self.log.warning("call.declined", reason=reason, offered=offered)
+        self.log.warning("call.declined", reason=clip(reason), offered=clip_list(offered))
         await self._close_ac_after_error()
         return False
 
@@ -242,7 +267,7 @@ class Call:
         st.barge_ins += c.barge_ins
         st.late_deltas_dropped += c.late_deltas_dropped
         st.early_audio_dropped += c.early_dropped
-        self.log.info("call.end", reason=reason, detail=self.end_detail,
+        self.log.info("call.end", reason=reason, detail=clip(self.end_detail),
                       duration_s=round(time.monotonic() - self.started, 3), format=self.format,
                       frames_up=c.frames_up, frames_down=c.frames_down, deltas=c.deltas,
                       barge_ins=c.barge_ins, truncates=c.truncates,
@@ -263,20 +288,23 @@ class Call:
         if up.close_code is None:
             up.abort()
 
-    def _fail(self, reason: str, detail: str) -> None:
-        """OpenAI side is gone or unusable: never leave the caller in dead air.
+    def _fail(self, reason: str, detail: str, event: str = "call.upstream_failed") -> None:
+        """The call cannot go on (OpenAI gone or unusable, idle): never leave the caller in dead air.
 
         Ask VAIC to hang up (hangup activity, reason in activityParams); if VAIC does not answer
-        with session.end within `call.hangup_grace_s`, close its socket ourselves."""
+        with session.end within `call.hangup_grace_s`, close its socket ourselves. The OpenAI
+        socket is closed at once: it is of no further use, and an open session is billed."""
         if self._ending:
             return
         self._ending = True
         self._set_end(reason, detail)
-        self.log.warning("call.upstream_failed", reason=reason, detail=detail)
+        self.log.warning(event, reason=reason, detail=clip(detail))
+        if self.up is not None:
+            asyncio.get_running_loop().create_task(self._close_upstream())
         self._gen += 1
         self.playout.interrupt(time.monotonic())
         sid, self._stream_id = self._stream_id, None
-        self.proto.request_hangup(f"{reason}: {detail}"[:200])
+        self.proto.request_hangup(clip(f"{reason}: {detail}"))
         asyncio.get_running_loop().create_task(self._hangup_frames(sid))
         h = asyncio.get_running_loop().call_later(
             self.cfg.call.hangup_grace_s, lambda: asyncio.ensure_future(self._close_ac_quietly()))
@@ -311,6 +339,9 @@ class Call:
         st = self.stats
         record_up = st.up_forward.record
         tc = self._tc
+        assert self._neg is not None
+        # base64 characters of `audio.max_frame_ms` of caller audio (4 chars per 3 bytes)
+        max_frame_chars = (self.cfg.audio.max_frame_ms * self._neg.ac.bytes_per_ms + 2) // 3 * 4
         while True:
             frame = await recv()
             t0 = perf_counter_ns()
@@ -318,9 +349,14 @@ class Call:
             if type(ev) is chunk_t:
                 c.frames_up += 1
                 payload = ev.audioChunk  # type: ignore[union-attr]
-                if '"' in payload or "\\" in payload:  # not base64: would break the JSON template
+                if not is_b64(payload):  # never into the JSON template: no injection upstream
                     self._bad_audio("audioChunk is not base64")
                     continue
+                if len(payload) > max_frame_chars:  # decoding cost bounded per frame
+                    self._bad_audio(f"audioChunk longer than audio.max_frame_ms "
+                                    f"({self.cfg.audio.max_frame_ms} ms)")
+                    continue
+                self._last_audio_ns = t0
                 if tc is not None:
                     try:
                         payload = tc.up(payload)
@@ -363,8 +399,10 @@ class Call:
         await self._flush_ac()
         t = type(ev)
         if t is ac.SessionEnd:
-            self._set_end("vaic_session_end", f"{ev.reasonCode or ''} {ev.reason or ''}".strip())
-            self.log.info("call.session_end", reason_code=ev.reasonCode, reason=ev.reason)
+            self._set_end("vaic_session_end",
+                          f"{clip(ev.reasonCode, ID_CHARS)} {clip(ev.reason)}".strip())
+            self.log.info("call.session_end", reason_code=clip(ev.reasonCode, ID_CHARS),
+                          reason=clip(ev.reason))
             return True
         if t is ac.Activities:
             for act in ev.activities:
@@ -380,40 +418,40 @@ class Call:
         return False
 
     async def _on_activity(self, act: ac.Activity) -> None:
-        name = (act.name or "").lower()
+        name = clip(act.name, ID_CHARS).lower()
         if name == "start":
             params = act.parameters or {}
-            self.callee = str(params.get("callee") or "")
-            self.caller = str(params.get("caller") or self.caller)
+            self.callee = clip(params.get("callee"), ID_CHARS)
+            self.caller = clip(params.get("caller"), ID_CHARS) or self.caller
             self._start_seen = True
             self.log.info("call.start_activity", callee=self.callee, caller=self.caller)
             if self._up_ready:
                 await self._after_start()
-        elif name in ("playfinished", "dtmf", "noUserInput".lower()):
-            self.log.debug("call.activity", name=act.name, value=act.value)
+        elif name in ("playfinished", "dtmf", "nouserinput"):
+            self.log.debug("call.activity", name=name, value=clip(act.value))
         else:
-            self._log_once(f"activity:{name}", "call.activity_ignored", name=act.name)
+            self._log_once(f"activity:{name}", "call.activity_ignored", name=name)
 
     def _note_bad(self, ev: Any) -> None:
         t = type(ev)
         if t is ac.UnknownMessage:
-            self._log_once(f"unknown:{ev.type}", "call.unknown_message", type=ev.type)
+            self._log_once(f"unknown:{ev.type}", "call.unknown_message", type=clip(ev.type, ID_CHARS))
         elif t is ac.Malformed:
             self.counters.bad_frames_in += 1
             self._log_first_n("malformed", "call.malformed_frame", reason=ev.reason)
         elif t is ac.Ignored and ev.type != "userStream.chunk":  # audio while ending: expected
-            self._log_first_n("ignored", "call.message_ignored", type=ev.type, reason=ev.reason)
+            self._log_first_n("ignored", "call.message_ignored", type=clip(ev.type, ID_CHARS),
+                              reason=clip(ev.reason))
 
     def _log_once(self, key: str, event: str, **kw: Any) -> None:
-        if key not in self._logged:
-            self._logged[key] = 1
+        if self._logged.hit(key) == 1:
             self.log.info(event, **kw)
 
     def _log_first_n(self, key: str, event: str, level: str = "warning", **kw: Any) -> None:
-        """Log the first `_LOG_FIRST_N` occurrences per key and call: bad input can repeat per frame."""
-        n = self._logged.get(key, 0) + 1
-        self._logged[key] = n
-        if n <= _LOG_FIRST_N:
+        """Log the first `_LOG_FIRST_N` occurrences per key and call: bad input can repeat per
+        frame. Keys are bounded per call (`bounds.OnceKeys`)."""
+        n = self._logged.hit(key)
+        if 0 < n <= _LOG_FIRST_N:
             getattr(self.log, level)(event, nth=n, **kw)
 
     # ------------------------------------------------------------------ upstream
@@ -428,12 +466,13 @@ class Call:
         t0 = perf_counter_ns()
         try:
             up = await self._dialer(url, headers, timeout_s=o.connect_timeout_s,
-                                    max_size=o.max_message_bytes, close_timeout_s=o.close_timeout_s)
+                                    max_size=o.max_message_bytes, close_timeout_s=o.close_timeout_s,
+                                    limits=limits_of(self.cfg))
         except ConnectFailed as e:
             self._fail("openai_connect_failed", e.reason)
             return
         except Exception as e:  # a bug must not leave the caller in silence with nothing logged
-            self.log.exception("call.upstream_internal_error")
+            self.log.error("call.upstream_internal_error", **exc_fields(e))
             self._fail("internal_error", f"{type(e).__name__}: {e}"[:200])
             return
         connect_us = (perf_counter_ns() - t0) // 1000
@@ -443,6 +482,8 @@ class Call:
         if self._ending:  # the call ended while we dialled: never keep a billed session open
             up.abort()
             return
+        self._timers.append(asyncio.get_running_loop().call_later(
+            o.session_timeout_s, self._check_session_started))
         neg = self._neg
         try:
             await up.send(rt.session_update(self.cfg, neg.openai_format, neg.openai_format,
@@ -469,10 +510,32 @@ class Call:
         except EndpointClosed as e:
             if self._ending or self.ac.close_code is not None:
                 return  # the VAIC side went away: the handler task ends the call
-            self._fail("openai_closed", f"code={e.code} reason={e.reason}"[:200])
+            how = f" ({e.cause.replace('_', ' ')})" if e.cause else ""
+            self._fail("openai_closed", f"code={e.code}{how} reason={clip(e.reason, ID_CHARS)}")
         except Exception as e:  # a bug must not leave the caller in silence with nothing logged
-            self.log.exception("call.upstream_internal_error")
+            self.log.error("call.upstream_internal_error", **exc_fields(e))
             self._fail("internal_error", f"{type(e).__name__}: {e}"[:200])
+
+    def _check_session_started(self) -> None:
+        """`openai.session_timeout_s` after the socket opened: both session events must be in."""
+        if self._session_seen != 3 and not self._ending:
+            missing = " and ".join(n for bit, n in ((1, "session.created"), (2, "session.updated"))
+                                   if not self._session_seen & bit)
+            self._fail("openai_no_session",
+                       f"no {missing} within {self.cfg.openai.session_timeout_s:g} s")
+
+    def _check_idle(self) -> None:
+        """Every quarter of `call.idle_timeout_s`: hang up a call with no audio either way."""
+        idle_s = self.cfg.call.idle_timeout_s
+        if self._ending:
+            return
+        now = time.monotonic()
+        quiet_s = (perf_counter_ns() - self._last_audio_ns) / 1e9
+        po = self.playout
+        if quiet_s >= idle_s and not po.pending and po.play_end_t <= now:
+            self._fail("idle_timeout", f"no audio either way for {idle_s:g} s", "call.idle_timeout")
+            return
+        self._timers.append(asyncio.get_running_loop().call_later(idle_s / 4, self._check_idle))
 
     async def _send_up(self, frame: str) -> None:
         """Send a control event upstream from outside the upstream task; a closed OpenAI socket
@@ -534,7 +597,14 @@ class Call:
             return False
         neg = self._neg
         assert neg is not None
-        item = ev.item_id
+        if not is_b64(ev.delta):  # never into the chunk template: no injection towards VAIC
+            self._log_first_n("oai_bad_audio", "call.openai_bad_audio", reason="delta is not base64")
+            return False
+        if ms_of_b64(ev.delta, neg.openai_bytes_per_ms) > self.cfg.audio.max_delta_ms:
+            self._log_first_n("oai_bad_audio", "call.openai_bad_audio",
+                              reason=f"delta longer than audio.max_delta_ms ({self.cfg.audio.max_delta_ms} ms)")
+            return False
+        item = clip(ev.item_id, ID_CHARS)
         if item not in self._item_oai_ms and len(self._item_oai_ms) >= 8:
             self._item_oai_ms.clear()  # bounded: only the last few items can still be truncated
         self._item_oai_ms[item] = self._item_oai_ms.get(item, 0.0) + ms_of_b64(
@@ -582,8 +652,8 @@ class Call:
                 self._active_response = None
             self._cancelled.discard(rid)
             if ev.response.status == "failed":
-                self.log.warning("call.response_failed", response_id=rid,
-                                 details=ev.response.status_details)
+                self.log.warning("call.response_failed", response_id=clip(rid, ID_CHARS),
+                                 details=clip(ev.response.status_details))
         elif t is rt.SpeechStoppedEv:
             self._t_speech_stop_ns = t0
             await self.ac.send(ac.encode(ac.SpeechStopped(participant=self.proto.participant)))
@@ -597,26 +667,35 @@ class Call:
         elif t is rt.ErrorEvent:
             self._on_error(ev.error)
         elif t is rt.SessionUpdated:
+            self._session_seen |= 2
             self._check_session(ev.session)
+        elif t is rt.SessionCreated:
+            self._session_seen |= 1
         elif t is rt.Truncated:
-            self.log.debug("call.truncated", item_id=ev.item_id, audio_end_ms=ev.audio_end_ms)
+            self.log.debug("call.truncated", item_id=clip(ev.item_id, ID_CHARS),
+                           audio_end_ms=ev.audio_end_ms)
         elif t is rt.TranscriptDone:
-            self.log.debug("call.assistant_said", item_id=ev.item_id, transcript=ev.transcript[:200])
+            self.log.debug("call.assistant_said", item_id=clip(ev.item_id, ID_CHARS),
+                           transcript=clip(ev.transcript))
         elif t is rt.OtherEvent:
-            self._log_once(f"oai:{ev.type}", "call.openai_unknown_event", type=str(ev.type)[:64])
+            self._log_once(f"oai:{clip(ev.type, ID_CHARS)}", "call.openai_unknown_event",
+                           type=clip(ev.type, ID_CHARS))
         elif t is rt.BadEvent:
             self._log_first_n("oai_bad", "call.openai_bad_frame", reason=ev.reason)
 
     def _on_error(self, err: rt.ErrorDetail) -> None:
         self.counters.openai_errors += 1
-        code = (err.code or "none")[:64]
-        self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
+        code = clip(err.code or "none", ID_CHARS)
+        if code in self.stats.errors or len(self.stats.errors) < 64:  # bounded label set
+            self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
+        else:
+            self.stats.errors["other"] = self.stats.errors.get("other", 0) + 1
         kind = rt.classify_error(err.code)
-        fields = dict(code=err.code, error_type=err.type, message=(err.message or "")[:200],
-                      param=err.param, client_event_id=err.event_id)
+        fields = dict(code=code, error_type=clip(err.type, ID_CHARS), message=clip(err.message),
+                      param=clip(err.param, ID_CHARS), client_event_id=clip(err.event_id, ID_CHARS))
         if kind == "fatal":
             self.log.error("call.openai_error_fatal", **fields)
-            self._fail("openai_error", f"{err.code}: {(err.message or '')[:120]}")
+            self._fail("openai_error", f"{code}: {clip(err.message, 120)}")
             return
         if kind == "benign":
             self._log_first_n(f"oai_err:{code}", "call.openai_error_benign", "info", **fields)
@@ -632,7 +711,7 @@ class Call:
         except (KeyError, TypeError):
             return
         if got != want:
-            self._fail("openai_format_mismatch", f"asked for {want}, session says {got}")
+            self._fail("openai_format_mismatch", f"asked for {want}, session says {clip(got, ID_CHARS)}")
 
     async def _barge_in(self, t0: int) -> None:
         """Caller started speaking: stop playout at once, truncate to what was heard."""
@@ -676,7 +755,7 @@ class Call:
         except EndpointClosed:
             return  # VAIC went away: the handler task ends the call
         except Exception as e:
-            self.log.exception("call.pacer_internal_error")
+            self.log.error("call.pacer_internal_error", **exc_fields(e))
             self._fail("internal_error", f"{type(e).__name__}: {e}"[:200])
 
     def _arm(self, due: float, now: float) -> None:

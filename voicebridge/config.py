@@ -21,7 +21,7 @@ import msgspec
 
 from .audio import FORMATS
 
-SECRET_ENV = ("VOICEBRIDGE_TOKEN", "OPENAI_API_KEY", "AZURE_OPENAI_API_KEY")
+SECRET_ENV = ("VOICEBRIDGE_TOKEN", "VOICEBRIDGE_ADMIN_TOKEN", "OPENAI_API_KEY", "AZURE_OPENAI_API_KEY")
 _SECRET_KEYS = {"token", "api_key", "apikey", "key", "secret", "password"}
 
 
@@ -34,9 +34,23 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     port: int = 8080
     path: str = "/voicebridge"
     allow_unauthenticated: bool = False
-    max_message_bytes: int = 4 * 1024 * 1024
+    max_message_bytes: int = 1024 * 1024
     ping_interval_s: float = 20.0
     transport: Literal["fast", "websockets"] = "fast"
+    # bounds (README: "Limits and hardening")
+    max_calls: int = 400
+    max_pending_handshakes: int = 128
+    handshake_timeout_s: float = 5.0
+    backlog: int = 1024
+    send_buffer_bytes: int = 1024 * 1024
+    send_timeout_s: float = 10.0
+    recv_queue_bytes: int = 4 * 1024 * 1024
+    max_fragments: int = 128
+    shutdown_timeout_s: float = 10.0
+    # the admin listener: /metrics and the detailed /health (-1: none, 0: any free port)
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8081
+    metrics_cache_s: float = 1.0
 
 
 class VadConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -56,6 +70,7 @@ class OpenAIConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     azure_endpoint: str = ""
     azure_deployment: str = ""
     connect_timeout_s: float = 5.0
+    session_timeout_s: float = 5.0
     close_timeout_s: float = 1.0
     max_message_bytes: int = 16 * 1024 * 1024
     voice: str = "marin"
@@ -79,15 +94,20 @@ class AudioConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     stop_margin_ms: int = 60
     max_pending_audio_ms: int = 180_000
     early_audio_max_ms: int = 10_000
+    max_frame_ms: int = 1000
+    max_delta_ms: int = 10_000
 
 
 class CallConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     start_wait_ms: int = 1500
     hangup_grace_s: float = 5.0
+    initiate_timeout_s: float = 10.0
+    idle_timeout_s: float = 60.0
 
 
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    rate_limit_per_s: float = 5.0
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -104,9 +124,11 @@ class Secrets(msgspec.Struct, frozen=True):
     token: str = ""
     openai_api_key: str = ""
     azure_api_key: str = ""
+    admin_token: str = ""
 
     def __repr__(self) -> str:
         return (f"Secrets(token={'set' if self.token else 'unset'}, "
+                f"admin_token={'set' if self.admin_token else 'unset'}, "
                 f"openai_api_key={'set' if self.openai_api_key else 'unset'}, "
                 f"azure_api_key={'set' if self.azure_api_key else 'unset'})")
 
@@ -190,6 +212,27 @@ def _check(cfg: Config, secrets: Secrets) -> None:
     need(0 <= a.stop_margin_ms <= 1000, "audio.stop_margin_ms", "must be within 0..1000")
     need(a.max_pending_audio_ms >= 10_000, "audio.max_pending_audio_ms", "must be >= 10000")
     need(a.early_audio_max_ms >= 1000, "audio.early_audio_max_ms", "must be >= 1000")
+    need(1 <= s.max_calls <= 100_000, "server.max_calls", "must be within 1..100000")
+    need(1 <= s.max_pending_handshakes <= 100_000, "server.max_pending_handshakes",
+         "must be within 1..100000")
+    need(0 < s.handshake_timeout_s <= 60, "server.handshake_timeout_s", "must be in (0, 60]")
+    need(1 <= s.backlog <= 65535, "server.backlog", "must be within 1..65535")
+    need(s.send_buffer_bytes >= 65536, "server.send_buffer_bytes", "must be at least 65536")
+    need(s.send_timeout_s > 0, "server.send_timeout_s", "must be > 0")
+    need(s.recv_queue_bytes >= s.max_message_bytes, "server.recv_queue_bytes",
+         "must be at least server.max_message_bytes")
+    need(1 <= s.max_fragments <= 100_000, "server.max_fragments", "must be within 1..100000")
+    need(s.shutdown_timeout_s > 0, "server.shutdown_timeout_s", "must be > 0")
+    need(-1 <= s.admin_port <= 65535, "server.admin_port", "must be -1 (off), 0 (any) or a port")
+    need(s.admin_port <= 0 or s.admin_port != s.port, "server.admin_port",
+         "must differ from server.port")
+    need(0 <= s.metrics_cache_s <= 60, "server.metrics_cache_s", "must be within 0..60")
+    need(o.session_timeout_s > 0, "openai.session_timeout_s", "must be > 0")
+    need(a.max_frame_ms >= 100, "audio.max_frame_ms", "must be >= 100")
+    need(a.max_delta_ms >= 1000, "audio.max_delta_ms", "must be >= 1000")
+    need(cfg.call.initiate_timeout_s > 0, "call.initiate_timeout_s", "must be > 0")
+    need(cfg.call.idle_timeout_s > 0, "call.idle_timeout_s", "must be > 0")
+    need(cfg.log.rate_limit_per_s > 0, "log.rate_limit_per_s", "must be > 0")
     need(cfg.call.hangup_grace_s > 0, "call.hangup_grace_s", "must be > 0")
     need(cfg.call.start_wait_ms >= 0, "call.start_wait_ms", "must be >= 0")
 
@@ -198,7 +241,8 @@ def load_secrets(env: Mapping[str, str] | None = None) -> Secrets:
     env = os.environ if env is None else env
     return Secrets(token=env.get("VOICEBRIDGE_TOKEN", ""),
                    openai_api_key=env.get("OPENAI_API_KEY", ""),
-                   azure_api_key=env.get("AZURE_OPENAI_API_KEY", ""))
+                   azure_api_key=env.get("AZURE_OPENAI_API_KEY", ""),
+                   admin_token=env.get("VOICEBRIDGE_ADMIN_TOKEN", ""))
 
 
 def load_config(path: str | Path | None, env: Mapping[str, str] | None = None,

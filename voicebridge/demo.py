@@ -37,7 +37,7 @@ async def demo(fmt: str, stop_policy: str) -> int:
                  "The premium plan, then. Anything else?"]))
     await fake.start()
     cfg, secrets = load_config(None, env={"VOICEBRIDGE_TOKEN": DEMO_TOKEN, "OPENAI_API_KEY": DEMO_KEY}, overrides={
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "admin_port": -1},
         "openai": {"url": f"ws://127.0.0.1:{fake.port}/v1/realtime",
                    "greeting": "Greet the caller and offer help.",
                    "instructions": "You are the phone assistant of ACME. The caller dialled {callee}."},

@@ -13,8 +13,10 @@ Contract, identical to `transport.WsEndpoint`:
   (backpressure), otherwise it completes without yielding to the loop;
 - `close(code, reason)` runs the close handshake, bounded by `close_timeout_s`, then aborts;
 - keepalive: a ping every `ping_interval_s`; no pong by the next ping aborts the connection.
-Everything is bounded: past `MAX_QUEUED_MESSAGES` unread messages the socket stops being read
-(TCP backpressure on the sender) until the reader catches up.
+- `send` never waits for the peer, and everything is bounded as `transport.Limits` says (unsent
+  bytes, time paused, unread messages in count and bytes, fragments per message).
+Listener: at most `max_pending` connections in their opening handshake (more are closed at once),
+each given `handshake_timeout_s` to send its upgrade request; one request per connection.
 """
 
 from __future__ import annotations
@@ -32,11 +34,9 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from .transport import ConnectFailed, EndpointClosed
+from .transport import MAX_QUEUED_MESSAGES, ConnectFailed, EndpointClosed, Limits, closed_error
 
 _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
-OPEN_TIMEOUT_S = 10.0      # a client must finish the HTTP upgrade within this
-MAX_QUEUED_MESSAGES = 64   # received but not yet read: beyond this, stop reading the socket
 _tls: ssl_mod.SSLContext | None = None
 
 
@@ -52,8 +52,14 @@ class FastEndpoint(asyncio.Protocol):
     """One websocket connection (either side) as an `Endpoint`."""
 
     def __init__(self, proto: ServerProtocol | ClientProtocol, *, close_timeout_s: float,
-                 ping_interval_s: float | None) -> None:
+                 ping_interval_s: float | None, limits: Limits = Limits(),
+                 handshake_timeout_s: float = 10.0) -> None:
         self.proto = proto
+        self.limits = limits
+        self._handshake_timeout_s = handshake_timeout_s
+        self._queued_bytes = 0
+        self._cause: str | None = None           # why we aborted it ourselves (send bounds)
+        self._send_timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._queue: deque[bytes] = deque()
@@ -61,7 +67,6 @@ class FastEndpoint(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._fragments: list[bytes] = []
         self._paused = False
-        self._drain_waiters: list[asyncio.Future[None]] = []   # every sender blocked on a full buffer
         self._lost = False
         self._lost_fut: asyncio.Future[None] = self._loop.create_future()
         self._close_timeout_s = close_timeout_s
@@ -72,14 +77,18 @@ class FastEndpoint(asyncio.Protocol):
         self._open_handle: asyncio.TimerHandle | None = None
         # handshake hooks, set by the listener / dialer
         self.on_request: Callable[[FastEndpoint, Request], None] | None = None
+        self.refused = False
         self.handshake: asyncio.Future[Response] | None = None
         self.request: Request | None = None
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.refused:
+            transport.abort()
+            return
         if self.on_request is not None:  # server side: bound the opening handshake
-            self._open_handle = self._loop.call_later(OPEN_TIMEOUT_S, self.abort)
+            self._open_handle = self._loop.call_later(self._handshake_timeout_s, self.abort)
 
     def opened(self) -> None:
         """The handshake is over (101 sent or received): stop its timer, start keepalive."""
@@ -91,7 +100,11 @@ class FastEndpoint(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         proto = self.proto
-        proto.receive_data(data)
+        try:
+            proto.receive_data(data)
+        except Exception:  # e.g. a second request pipelined before the first was answered
+            self.abort()
+            return
         for ev in proto.events_received():
             if type(ev) is Frame:
                 op = ev.opcode
@@ -101,14 +114,22 @@ class FastEndpoint(asyncio.Protocol):
                     else:
                         self._fragments = [ev.data]
                 elif op is _CONT:
-                    self._fragments.append(ev.data)
+                    frags = self._fragments
+                    frags.append(ev.data)
                     if ev.fin:
-                        self._deliver(b"".join(self._fragments))
+                        self._deliver(b"".join(frags))
                         self._fragments = []
+                    elif len(frags) > self.limits.max_fragments:
+                        self._fragments = []   # the protocol bounds bytes, this the count
+                        proto.fail(1009, "too many fragments")
+                        break
                 elif op is _PONG:
                     self._awaiting_pong = False
                 # PING (pong queued by the protocol) and CLOSE (handled by it) need nothing here
             elif type(ev) is Request:
+                if self.request is not None:  # a second request on one connection: refuse
+                    self.abort()
+                    return
                 self.request = ev
                 if self.on_request is not None:
                     self.on_request(self, ev)
@@ -128,33 +149,41 @@ class FastEndpoint(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        for h in (self._ping_handle, self._close_handle, self._open_handle):
+        for h in (self._ping_handle, self._close_handle, self._open_handle, self._send_timer):
             if h is not None:
                 h.cancel()
         if not self._lost_fut.done():
             self._lost_fut.set_result(None)
         if self.handshake is not None and not self.handshake.done():
             self.handshake.set_exception(ConnectionError("connection lost during handshake"))
-        self._release_senders()
         self._wake()
 
     def pause_writing(self) -> None:
+        """The peer does not read fast enough: it has `send_timeout_s` to catch up."""
         self._paused = True
+        if self._send_timer is None:
+            self._send_timer = self._loop.call_later(self.limits.send_timeout_s,
+                                                     self._abort_for, "send_timeout")
 
     def resume_writing(self) -> None:
         self._paused = False
-        self._release_senders()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
 
-    def _release_senders(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+    def _abort_for(self, cause: str) -> None:
+        if self._cause is None:
+            self._cause = cause
+        self.abort()
+        self._wake()
 
     # ------------------------------------------------------------------ internals
     def _deliver(self, data: bytes) -> None:
         self._queue.append(data)
-        if len(self._queue) > MAX_QUEUED_MESSAGES and not self._reading_paused and self.transport:
+        self._queued_bytes += len(data)
+        if ((len(self._queue) > MAX_QUEUED_MESSAGES
+             or self._queued_bytes > self.limits.recv_queue_bytes)
+                and not self._reading_paused and self.transport):
             self._reading_paused = True  # bounded memory: TCP backpressure on a fast sender
             self.transport.pause_reading()
         self._wake()
@@ -179,18 +208,16 @@ class FastEndpoint(asyncio.Protocol):
                     transport.write_eof()  # the protocol ended the stream (after a close)
                 except (OSError, RuntimeError):  # uvloop raises when the socket is already gone
                     pass
+        if self._paused and transport.get_write_buffer_size() > self.limits.send_buffer_bytes:
+            self._abort_for("send_buffer_full")  # e.g. pongs to a peer that never reads
 
     def _expect_close(self) -> None:
         if self._close_handle is None and not self._lost:
             self._close_handle = self._loop.call_later(self._close_timeout_s, self.abort)
 
     def _closed_error(self) -> EndpointClosed:
-        p = self.proto
-        rcvd = p.close_rcvd  # known as soon as the peer's close frame arrived (state CLOSING)
-        if rcvd is not None:
-            return EndpointClosed(rcvd.code, rcvd.reason)
-        code = p.close_code if p.close_code is not None else 1006
-        return EndpointClosed(code, p.close_reason or "")
+        p = self.proto  # close_rcvd is known as soon as the peer's close frame arrived
+        return closed_error(p.close_sent, p.close_rcvd, p.close_rcvd_then_sent, self._cause)
 
     def _ping_tick(self) -> None:
         if self._lost or self.proto.state is not State.OPEN:
@@ -209,11 +236,14 @@ class FastEndpoint(asyncio.Protocol):
     async def recv(self) -> bytes:
         while True:
             if self._queue:
-                if self._reading_paused and len(self._queue) <= MAX_QUEUED_MESSAGES // 2:
+                data = self._queue.popleft()
+                self._queued_bytes -= len(data)
+                if (self._reading_paused and len(self._queue) <= MAX_QUEUED_MESSAGES // 2
+                        and self._queued_bytes <= self.limits.recv_queue_bytes // 2):
                     self._reading_paused = False
                     if self.transport is not None and not self._lost:
                         self.transport.resume_reading()
-                return self._queue.popleft()
+                return data
             if self._lost or self.proto.state is not State.OPEN:
                 raise self._closed_error()
             fut = self._loop.create_future()
@@ -221,17 +251,14 @@ class FastEndpoint(asyncio.Protocol):
             await fut
 
     async def send(self, frame: str) -> None:
+        """Never waits: see `transport.Limits` for what bounds a peer that does not read."""
         proto = self.proto
         if proto.state is not State.OPEN or self._lost:
             raise self._closed_error()
         proto.send_text(frame.encode())
         self._flush()
-        if self._paused:
-            fut = self._loop.create_future()
-            self._drain_waiters.append(fut)
-            await fut
-            if self._lost:
-                raise self._closed_error()
+        if self._cause is not None:
+            raise self._closed_error()
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self._lost:
@@ -272,8 +299,19 @@ class FastServer:
     """Listener: HTTP upgrade handled by `process_request` first (health, auth), then `handler`."""
 
     def __init__(self, handler: Handler, process_request: ProcessRequest, *, max_size: int,
-                 close_timeout_s: float, ping_interval_s: float | None, server_header: str) -> None:
+                 close_timeout_s: float, ping_interval_s: float | None, server_header: str,
+                 limits: Limits = Limits(), handshake_timeout_s: float = 10.0,
+                 max_pending: int = 1 << 30, backlog: int = 100,
+                 on_refused: Callable[[str], None] | None = None,
+                 process_response: Callable[[Any, Request, Response], None] | None = None) -> None:
         self._handler = handler
+        self._process_response = process_response
+        self._limits = limits
+        self._handshake_timeout_s = handshake_timeout_s
+        self._max_pending = max_pending
+        self._backlog = backlog
+        self._on_refused = on_refused
+        self._pending: set[FastEndpoint] = set()    # accepted, not yet answered
         self._process_request = process_request
         self._max_size = max_size
         self._close_timeout_s = close_timeout_s
@@ -286,13 +324,25 @@ class FastServer:
 
     def _make(self) -> FastEndpoint:
         ep = FastEndpoint(ServerProtocol(max_size=self._max_size),
-                          close_timeout_s=self._close_timeout_s, ping_interval_s=self._ping_interval_s)
+                          close_timeout_s=self._close_timeout_s, ping_interval_s=self._ping_interval_s,
+                          limits=self._limits, handshake_timeout_s=self._handshake_timeout_s)
+        if len(self._pending) >= self._max_pending:
+            ep.refused = True   # connection_made closes it at once
+            if self._on_refused is not None:
+                self._on_refused("max_pending_handshakes")
+            return ep
         ep.on_request = self._on_request
         self._all.add(ep)
-        ep._lost_fut.add_done_callback(lambda _: self._all.discard(ep))
+        self._pending.add(ep)
+
+        def gone(_: Any) -> None:
+            self._all.discard(ep)
+            self._pending.discard(ep)
+        ep._lost_fut.add_done_callback(gone)
         return ep
 
     def _on_request(self, ep: FastEndpoint, request: Request) -> None:
+        self._pending.discard(ep)
         proto: ServerProtocol = ep.proto  # type: ignore[assignment]
         try:
             response = self._process_request(ep, request)
@@ -302,6 +352,8 @@ class FastServer:
             response = proto.accept(request)
         if self._server_header:
             response.headers["Server"] = self._server_header
+        if self._process_response is not None:
+            self._process_response(ep, request, response)
         proto.send_response(response)
         ep._flush()
         if response.status_code != 101:
@@ -321,7 +373,8 @@ class FastServer:
             await ep.close(1000, "")
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.get_running_loop().create_server(self._make, host, port)
+        self._server = await asyncio.get_running_loop().create_server(
+            self._make, host, port, backlog=self._backlog)
 
     @property
     def sockets(self) -> Any:
@@ -338,6 +391,11 @@ class FastServer:
                 else:
                     ep.abort()  # never upgraded (or still in its handshake)
 
+    def abort_all(self) -> None:
+        """Abort every connection at once (forced shutdown)."""
+        for ep in list(self._all):
+            ep.abort()
+
     async def wait_closed(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -346,7 +404,8 @@ class FastServer:
 
 
 async def fast_dial(url: str, headers: dict[str, str], *, timeout_s: float, max_size: int,
-                    close_timeout_s: float, ping_interval_s: float | None = 20.0) -> FastEndpoint:
+                    close_timeout_s: float, ping_interval_s: float | None = 20.0,
+                    limits: Limits = Limits()) -> FastEndpoint:
     """Client side of `transport.dial` on the lean transport (ws:// and wss://)."""
     loop = asyncio.get_running_loop()
 
@@ -354,7 +413,8 @@ async def fast_dial(url: str, headers: dict[str, str], *, timeout_s: float, max_
         uri = parse_uri(url)
         ssl_ctx = _tls_context() if uri.secure else None
         proto = ClientProtocol(uri, max_size=max_size)
-        ep = FastEndpoint(proto, close_timeout_s=close_timeout_s, ping_interval_s=ping_interval_s)
+        ep = FastEndpoint(proto, close_timeout_s=close_timeout_s, ping_interval_s=ping_interval_s,
+                          limits=limits)
         await loop.create_connection(lambda: ep, uri.host, uri.port, ssl=ssl_ctx,
                                      server_hostname=uri.host if ssl_ctx else None)
         try:  # from here on the socket is ours: never leave it open (an open session is billed)

@@ -145,6 +145,10 @@ def decode_server(frame: str | bytes) -> Any:
             return _other_decoder.decode(frame)
         except msgspec.DecodeError:
             return BadEvent(str(e)[:160])
+        except RecursionError:
+            return BadEvent("JSON nested too deeply")
+    except RecursionError:
+        return BadEvent("JSON nested too deeply")
 
 
 # ----------------------------------------------------------------------------- errors

@@ -1,14 +1,23 @@
-"""The daemon: accept VAIC websockets, authenticate, serve /health, run one `Call` per socket.
+"""The daemon: accept VAIC websockets, authenticate, serve health and metrics, run one `Call` per socket.
 
-Lifecycle (uvicorn-like, one readable path): `start()` binds; `serve_forever()` installs
-SIGTERM/SIGINT handlers (and SIGUSR1: stats to the log) and waits; on a signal `stop()` closes the listening socket and every
-call (each call closes its OpenAI socket within a second), then returns.
+Lifecycle (uvicorn-like, one readable path): `start()` raises the descriptor limit and binds the
+public listener (and the admin listener); `serve_forever()` installs the signal handlers and
+waits; on SIGTERM/SIGINT `stop()` closes the listeners and every call (each call closes its
+OpenAI socket within a second), bounded by `server.shutdown_timeout_s`, after which everything
+left is aborted; a second SIGTERM/SIGINT aborts everything at once. SIGHUP is logged and
+ignored (reload is not implemented yet); SIGUSR1 writes the stats to the log.
 
-HTTP handling happens in `process_request`, before any websocket exists:
-- `GET /health` -> 200 JSON {status, version, active_calls, uptime_s, calls_total, latency_us};
-- `GET /metrics` -> Prometheus text exposition of the same stats (read at scrape time);
+HTTP handling happens in `process_request`, before any websocket exists. Public listener:
+- `GET /health` -> 200 JSON liveness {status, version, active_calls, uptime_s} (cheap);
+- `GET /metrics`, `GET /health?detail=1` -> only with `Authorization: Bearer $VOICEBRIDGE_ADMIN_TOKEN`
+  (404 when no admin token is configured: they live on the admin listener);
 - any path but `server.path` -> 404;
-- `Authorization: Bearer <VOICEBRIDGE_TOKEN>` checked in constant time -> 401 before the upgrade.
+- `server.path`: `Authorization: Bearer <VOICEBRIDGE_TOKEN>` checked in constant time -> 401;
+  more than `server.max_calls` calls -> 503 with `Retry-After`; both before the upgrade, so no
+  OpenAI session is started.
+Admin listener (`server.admin_host:admin_port`, loopback by default): `/health` with the latency
+histograms and `/metrics` (Prometheus text, rendered at most once per `server.metrics_cache_s`).
+Log lines a peer can trigger at will (failed auth, refused connections) are rate limited.
 """
 
 from __future__ import annotations
@@ -16,23 +25,28 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import resource
 import signal
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 from websockets.asyncio.server import Server, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from . import __version__
-from .call import Call, Dialer
+from .bounds import clip
+from .call import Call, Dialer, limits_of
 from .config import Config, Secrets
-from .log import get_logger
+from .fastws import FastEndpoint, FastServer, fast_dial
+from .log import Throttled, get_logger, install_loop_handler
 from .metrics import CONTENT_TYPE, prometheus_text
 from .stats import Stats
-from .fastws import FastEndpoint, FastServer, fast_dial
-from .transport import WsEndpoint, dial
+from .transport import BoundedServerConnection, WsEndpoint, dial
+
+FD_RESERVE = 64          # descriptors kept free for logs, the admin listener, dials in progress
+ADMIN_MAX_PENDING = 16   # admin connections in their request at once
 
 
 def _response(status: int, reason: str, body: dict[str, Any],
@@ -41,6 +55,19 @@ def _response(status: int, reason: str, body: dict[str, Any],
     headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(data))),
                        ("Cache-Control", "no-store"), *(extra or [])])
     return Response(status, reason, headers, data)
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns (soft, hard) after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft, hard
 
 
 class Bridge:
@@ -56,36 +83,100 @@ class Bridge:
         self.finished: deque[Call] = deque(maxlen=64)   # recent calls, for tests and diagnostics
         self.started_at = time.monotonic()
         self.log = get_logger()
+        self.noisy = Throttled(self.log)
+        self.max_calls = cfg.server.max_calls          # may be clamped by the descriptor limit
         self._server: Server | FastServer | None = None
+        self._admin: Server | FastServer | None = None
+        self._reserved: set[Any] = set()   # connections let through whose call has not started
         self._expected_auth = (f"Bearer {secrets.token}".encode() if secrets.token else None)
+        self._admin_auth = (f"Bearer {secrets.admin_token}".encode() if secrets.admin_token else None)
+        self._metrics_cache: tuple[float, bytes] = (-1e9, b"")
         self._stopping = asyncio.Event()
+        self._force = asyncio.Event()
 
     # ------------------------------------------------------------------ HTTP before upgrade
     def process_request(self, connection: Any, request: Request) -> Response | None:
-        """Before the upgrade; `connection` is either transport's connection (`remote_address`)."""
-        path = request.path.split("?", 1)[0]
-        if path == "/health":
-            return _response(200, "OK", self.health())
-        if path == "/metrics":
-            body = prometheus_text(self.stats)
-            return Response(200, "OK", Headers([("Content-Type", CONTENT_TYPE),
-                                                ("Content-Length", str(len(body)))]), body)
+        """Public listener, before the upgrade; `connection` is either transport's connection."""
+        if isinstance(connection, BoundedServerConnection):
+            connection.handshake_done()
+        path, _, query = request.path.partition("?")
+        if path == "/health" and "detail" not in query:
+            return _response(200, "OK", self.liveness())
+        if path in ("/health", "/metrics"):
+            if self._admin_auth is None:
+                return _response(404, "Not Found", {"error": "served on the admin listener"})
+            got = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(got, self._admin_auth):
+                self.noisy.emit("warning", "auth.rejected", peer=clip(connection.remote_address, 64),
+                                path=path)
+                return _response(401, "Unauthorized", {"error": "invalid or missing admin token"},
+                                 [("WWW-Authenticate", "Bearer")])
+            return self.admin_request(connection, request)
         if path != self.cfg.server.path:
-            return _response(404, "Not Found", {"error": "not found", "path": path[:100]})
+            return _response(404, "Not Found", {"error": "not found", "path": clip(path, 100)})
         if self._expected_auth is not None:
             got = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(got, self._expected_auth):
-                self.log.warning("auth.rejected", peer=str(connection.remote_address),
-                                 has_header="Authorization" in request.headers)
+                self.stats.auth_rejected += 1
+                self.noisy.emit("warning", "auth.rejected", peer=clip(connection.remote_address, 64),
+                                has_header="Authorization" in request.headers)
                 return _response(401, "Unauthorized", {"error": "invalid or missing bearer token"},
                                  [("WWW-Authenticate", "Bearer")])
+        if self._stopping.is_set():
+            return self._refuse("shutting_down", "the bridge is shutting down")
+        if len(self.calls) + self._n_reserved() >= self.max_calls:
+            return self._refuse("max_calls", f"at capacity ({self.max_calls} calls)")
+        self._reserved.add(connection)   # released when the call starts, or by process_response
         return None
 
-    def health(self) -> dict[str, Any]:
+    def _n_reserved(self) -> int:
+        if self._reserved:   # drop connections that died between the answer and the handler
+            self._reserved = {c for c in self._reserved
+                              if c.transport is not None and not c.transport.is_closing()}
+        return len(self._reserved)
+
+    def process_response(self, connection: Any, request: Request, response: Response) -> None:
+        """After the upgrade answer: a handshake the library refused never starts its call."""
+        if response.status_code != 101:
+            self._reserved.discard(connection)
+
+    def _refuse(self, why: str, text: str) -> Response:
+        self.stats.calls_refused += 1
+        self.noisy.emit("warning", "conn.refused", reason=why, active_calls=len(self.calls))
+        return _response(503, "Service Unavailable", {"error": text}, [("Retry-After", "1")])
+
+    def _on_refused(self, why: str) -> None:
+        self.noisy.emit("warning", "conn.refused", reason=why)
+
+    def admin_request(self, connection: Any, request: Request) -> Response:
+        """Admin listener: detailed /health and /metrics; never upgrades."""
+        if isinstance(connection, BoundedServerConnection):
+            connection.handshake_done()
+        path = request.path.partition("?")[0]
+        if path == "/health":
+            return _response(200, "OK", self.health())
+        if path == "/metrics":
+            body = self.metrics_text()
+            return Response(200, "OK", Headers([("Content-Type", CONTENT_TYPE),
+                                                ("Content-Length", str(len(body)))]), body)
+        return _response(404, "Not Found", {"error": "not found", "path": clip(path, 100)})
+
+    def metrics_text(self) -> bytes:
+        now = time.monotonic()
+        at, body = self._metrics_cache
+        if now - at >= self.cfg.server.metrics_cache_s or not body:
+            body = prometheus_text(self.stats)
+            self._metrics_cache = (now, body)
+        return body
+
+    def liveness(self) -> dict[str, Any]:
         return {"status": "stopping" if self._stopping.is_set() else "ok",
                 "version": __version__, "active_calls": len(self.calls),
-                "uptime_s": round(time.monotonic() - self.started_at, 1),
-                "calls_total": self.stats.calls_total,
+                "uptime_s": round(time.monotonic() - self.started_at, 1)}
+
+    def health(self) -> dict[str, Any]:
+        return {**self.liveness(), "calls_total": self.stats.calls_total,
+                "max_calls": self.max_calls,
                 "latency_us": {name: h.snapshot() for name, h in self.stats.histograms().items()}}
 
     def dump_stats(self) -> None:
@@ -95,7 +186,8 @@ class Bridge:
 
     # ------------------------------------------------------------------ per connection
     async def _handler(self, ws: Any) -> None:
-        end = ws if isinstance(ws, FastEndpoint) else WsEndpoint(ws)
+        self._reserved.discard(ws)
+        end = ws if isinstance(ws, FastEndpoint) else WsEndpoint(ws, limits_of(self.cfg))
         call = Call(end, self.cfg, self.secrets, dialer=self.dialer, stats=self.stats)
         self.calls.add(call)
         self.stats.calls_active += 1
@@ -107,22 +199,56 @@ class Bridge:
             self.finished.append(call)
 
     # ------------------------------------------------------------------ lifecycle
-    async def start(self) -> None:
+    def _size_for_descriptors(self) -> None:
+        s = self.cfg.server
+        soft, hard = raise_nofile()
+        need = 2 * s.max_calls + s.max_pending_handshakes + FD_RESERVE
+        fields: dict[str, Any] = {"soft": soft, "hard": hard, "max_calls": s.max_calls}
+        if need > soft:
+            self.max_calls = max(1, (soft - s.max_pending_handshakes - FD_RESERVE) // 2)
+            fields.update(max_calls=self.max_calls, clamped_from=s.max_calls,
+                          hint="raise LimitNOFILE (systemd) or ulimit -n")
+            self.log.warning("server.nofile", **fields)
+        else:
+            self.log.info("server.nofile", **fields)
+
+    async def _listen(self, handler: Callable[..., Any], process_request: Callable[..., Any],
+                      host: str, port: int, max_pending: int,
+                      process_response: Callable[..., Any] | None = None) -> Server | FastServer:
         s = self.cfg.server
         if s.transport == "fast":
-            fast = FastServer(self._handler, self.process_request, max_size=s.max_message_bytes,
+            fast = FastServer(handler, process_request, max_size=s.max_message_bytes,
                               close_timeout_s=2.0, ping_interval_s=s.ping_interval_s,
-                              server_header=f"voicebridge/{__version__}")
-            await fast.start(s.host, s.port)
-            self._server = fast
-        else:
-            self._server = await serve(
-                self._handler, s.host, s.port, process_request=self.process_request,
-                max_size=s.max_message_bytes, compression=None, ping_interval=s.ping_interval_s,
-                ping_timeout=s.ping_interval_s, close_timeout=2.0,
-                server_header=f"voicebridge/{__version__}")
+                              server_header=f"voicebridge/{__version__}", limits=limits_of(self.cfg),
+                              handshake_timeout_s=s.handshake_timeout_s, max_pending=max_pending,
+                              backlog=s.backlog, on_refused=self._on_refused,
+                              process_response=process_response)
+            await fast.start(host, port)
+            return fast
+        conn_cls = type("VoicebridgeConnection", (BoundedServerConnection,), {
+            "limits": limits_of(self.cfg), "pending": set(), "max_pending": max_pending,
+            "on_refused": staticmethod(self._on_refused)})
+        return await serve(
+            handler, host, port, process_request=process_request,
+            process_response=process_response, create_connection=conn_cls,
+            max_size=s.max_message_bytes, compression=None, ping_interval=s.ping_interval_s,
+            ping_timeout=s.ping_interval_s, close_timeout=2.0, open_timeout=s.handshake_timeout_s,
+            max_queue=max(2, s.recv_queue_bytes // s.max_message_bytes), backlog=s.backlog,
+            server_header=f"voicebridge/{__version__}")
+
+    async def start(self) -> None:
+        s = self.cfg.server
+        self._size_for_descriptors()
+        self._server = await self._listen(self._handler, self.process_request, s.host, s.port,
+                                          s.max_pending_handshakes, self.process_response)
+        admin_port = None
+        if s.admin_port >= 0:
+            self._admin = await self._listen(self._handler, self.admin_request, s.admin_host,
+                                             s.admin_port, ADMIN_MAX_PENDING)
+            admin_port = self._admin.sockets[0].getsockname()[1]
         self.log.info("server.listening", host=s.host, port=self.port, path=s.path,
-                      transport=s.transport,
+                      admin_host=s.admin_host if admin_port is not None else None,
+                      admin_port=admin_port, transport=s.transport, max_calls=self.max_calls,
                       auth="bearer" if self._expected_auth else "none",
                       openai=self.cfg.openai.provider, model=self.cfg.openai.model)
 
@@ -131,23 +257,74 @@ class Bridge:
         assert self._server is not None
         return self._server.sockets[0].getsockname()[1]
 
+    @property
+    def admin_port(self) -> int | None:
+        return self._admin.sockets[0].getsockname()[1] if self._admin is not None else None
+
     async def stop(self) -> None:
         if self._server is None:
             return
         self._stopping.set()
-        self._server.close(close_connections=True)
-        await self._server.wait_closed()
+        servers = [srv for srv in (self._server, self._admin) if srv is not None]
+        for srv in servers:
+            srv.close(close_connections=True)
+        for srv in servers:
+            await srv.wait_closed()
         self.log.info("server.stopped", finished_calls=len(self.finished))
+
+    def abort_all(self) -> None:
+        """Abort every socket at once, VAIC and OpenAI (a forced or overdue shutdown)."""
+        for call in list(self.calls):
+            call.abort()
+        for srv in (self._server, self._admin):
+            if isinstance(srv, FastServer):
+                srv.abort_all()
+            elif srv is not None:
+                for conn in list(srv.connections):
+                    if conn.transport is not None:
+                        conn.transport.abort()
+
+    def _on_stop_signal(self, signum: int) -> None:
+        if self._stopping.is_set():
+            self._force.set()      # a second SIGTERM/SIGINT: no more waiting
+        else:
+            self._stopping.set()
+
+    def _on_sighup(self) -> None:
+        self.log.warning("server.sighup_ignored", detail="configuration reload is not supported yet; "
+                         "restart to apply a new configuration")
 
     async def serve_forever(self) -> None:
         await self.start()
         loop = asyncio.get_running_loop()
+        install_loop_handler(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         loop.add_signal_handler(signal.SIGUSR1, self.dump_stats)
         await self._stopping.wait()
-        self.log.info("server.signal", active_calls=len(self.calls))
-        await self.stop()
+        self.log.info("server.signal", active_calls=len(self.calls),
+                      shutdown_timeout_s=self.cfg.server.shutdown_timeout_s)
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """`stop()` within `server.shutdown_timeout_s`, or until a second signal; then abort."""
+        self._stopping.set()
+        stopping = asyncio.ensure_future(self.stop())
+        forced = asyncio.ensure_future(self._force.wait())
+        try:
+            await asyncio.wait({stopping, forced}, timeout=self.cfg.server.shutdown_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            forced.cancel()
+        if not stopping.done():
+            self.log.warning("server.shutdown_forced", active_calls=len(self.calls),
+                             why="second signal" if self._force.is_set() else "shutdown_timeout_s")
+            self.abort_all()
+            try:
+                await asyncio.wait_for(stopping, 2.0)
+            except (asyncio.TimeoutError, TimeoutError):
+                self.log.error("server.stopped", finished_calls=len(self.finished), incomplete=True)
 
     async def __aenter__(self) -> "Bridge":
         await self.start()

@@ -299,6 +299,8 @@ COUNTERS: dict[str, str] = {
     "calls_total": "calls accepted",
     "calls_active": "calls in progress",
     "calls_rejected": "calls declined with session.error",
+    "calls_refused": "upgrades refused with HTTP 503 (server.max_calls, shutting down)",
+    "auth_rejected": "upgrades refused with HTTP 401 (bad or missing bearer token)",
     "frames_up": "caller audio frames forwarded to OpenAI",
     "frames_down": "playStream.chunk messages sent to VAIC",
     "bytes_up": "base64 characters of caller audio forwarded",
@@ -332,6 +334,8 @@ class Stats:
     calls_total: int
     calls_active: int
     calls_rejected: int
+    calls_refused: int
+    auth_rejected: int
     frames_up: int
     frames_down: int
     bytes_up: int

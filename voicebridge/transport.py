@@ -1,27 +1,53 @@
-"""The socket seam: "an end that yields frames and accepts frames".
+"""The socket seam: "an end that yields frames and accepts frames", and its bounds.
 
-`call.py` only sees `Endpoint`; this is the one module that knows the websocket library, so a
-faster transport (e.g. `websockets`' Sans-I/O protocol driven from uvloop protocols) replaces
-this file and nothing else.
+`call.py` only sees `Endpoint`. Two implementations: `WsEndpoint` here (websockets' asyncio
+layer) and `fastws.FastEndpoint` (websockets' Sans-I/O protocol on uvloop). Both keep the same
+contract, including every bound in `Limits`:
+- `send(text)` never waits for the peer: the frame goes to the transport's buffer. A socket
+  whose unsent bytes exceed `send_buffer_bytes`, or whose writes stay paused (peer not reading)
+  for `send_timeout_s`, is aborted; `send` then raises `EndpointClosed`. So a peer that stops
+  reading costs bounded memory and never blocks the task that also watches the other peer.
+- received, unread messages are bounded in bytes (`recv_queue_bytes`) as well as in count:
+  beyond either, the socket is not read (TCP backpressure) until the reader catches up.
+- a fragmented message may have at most `max_fragments` fragments (and `max_size` bytes).
+- `EndpointClosed.cause` says who ended the connection and why: None when the peer closed it
+  (then `code` is the peer's code, 1006 if it sent none), else one of `CAUSES` for a close or an
+  abort of our own (then `code` is the code we sent, or 1006 for an abort).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.frames import Close
+from websockets.protocol import State
+
+# our own reasons for ending a connection (EndpointClosed.cause)
+CAUSES = ("frame_too_big", "protocol_error", "keepalive_timeout", "shutdown", "send_buffer_full",
+          "send_timeout", "closed")
+MAX_QUEUED_MESSAGES = 64   # received, unread messages per connection (bytes: Limits.recv_queue_bytes)
+
+
+class Limits(NamedTuple):
+    """Per-connection bounds, from `server.*` (see README, "Limits and hardening")."""
+    send_buffer_bytes: int = 1024 * 1024
+    send_timeout_s: float = 10.0
+    recv_queue_bytes: int = 4 * 1024 * 1024
+    max_fragments: int = 128
 
 
 class EndpointClosed(Exception):
-    """The peer closed (or the connection broke); `code`/`reason` say how, if known."""
+    """The connection is over; `code`/`reason` say how, `cause` who (see the module docstring)."""
 
-    def __init__(self, code: int | None, reason: str) -> None:
-        super().__init__(f"closed code={code} reason={reason!r}")
+    def __init__(self, code: int | None, reason: str, cause: str | None = None) -> None:
+        super().__init__(f"closed code={code} reason={reason!r} cause={cause}")
         self.code = code
         self.reason = reason
+        self.cause = cause
 
 
 class ConnectFailed(Exception):
@@ -42,29 +68,135 @@ class Endpoint(Protocol):
     def close_code(self) -> int | None: ...
 
 
+def cause_of_code(code: int) -> str:
+    """Our reason for a close frame we sent first, from its code."""
+    if code == 1009:
+        return "frame_too_big"
+    if code in (1002, 1003, 1007, 1008):
+        return "protocol_error"
+    if code == 1011:
+        return "keepalive_timeout"   # the only 1011 the transports send themselves
+    if code == 1001:
+        return "shutdown"
+    return "closed"
+
+
+def closed_error(sent: Close | None, rcvd: Close | None, rcvd_then_sent: bool | None,
+                 cause: str | None) -> EndpointClosed:
+    """The `EndpointClosed` for a connection's close frames (websockets' attributes)."""
+    if cause is not None:   # we aborted it (send bounds): no close frame could be trusted
+        return EndpointClosed(1006, cause.replace("_", " "), cause)
+    if sent is not None and (rcvd is None or rcvd_then_sent is False):
+        return EndpointClosed(sent.code, sent.reason, cause_of_code(sent.code))
+    if rcvd is not None:
+        return EndpointClosed(rcvd.code, rcvd.reason, None)
+    return EndpointClosed(1006, "", None)
+
+
+class _SendBounds:
+    """The send bounds of `Limits` for a websockets asyncio connection (mixin)."""
+
+    limits = Limits()
+    vb_cause: str | None = None
+    _send_timer: asyncio.TimerHandle | None = None
+    loop: asyncio.AbstractEventLoop
+    transport: Any
+    paused: bool
+
+    def vb_abort(self, cause: str) -> None:
+        if self.vb_cause is None:
+            self.vb_cause = cause
+        self.transport.abort()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        self._send_timer = self.loop.call_later(self.limits.send_timeout_s, self.vb_abort,
+                                                "send_timeout")
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)  # type: ignore[misc]
+        # received pings queue pongs: a peer that never reads must not grow them without bound
+        if self.paused and self.transport.get_write_buffer_size() > self.limits.send_buffer_bytes:
+            self.vb_abort("send_buffer_full")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
+class BoundedClientConnection(_SendBounds, ClientConnection):
+    """websockets' client connection with the send bounds."""
+
+
+class BoundedServerConnection(_SendBounds, ServerConnection):
+    """websockets' server connection with the send bounds and a shared cap on connections still
+    in their opening handshake (`pending`, `max_pending`; set by the server)."""
+
+    pending: set["BoundedServerConnection"] | None = None
+    max_pending = 0
+    on_refused: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pending = self.pending
+        if pending is not None:
+            if len(pending) >= self.max_pending:
+                transport.abort()
+                if self.on_refused is not None:
+                    self.on_refused("max_pending_handshakes")
+            else:
+                pending.add(self)
+        super().connection_made(transport)
+
+    def handshake_done(self) -> None:
+        if self.pending is not None:
+            self.pending.discard(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.handshake_done()
+        super().connection_lost(exc)
+
+
 class WsEndpoint:
-    """An `Endpoint` over a `websockets` asyncio connection (server or client side)."""
+    """An `Endpoint` over a `websockets` asyncio connection (server or client side).
 
-    __slots__ = ("_ws", "_recv", "_send")
+    `send` writes through the Sans-I/O protocol object without awaiting `drain()`, so it never
+    blocks (bounded as the module docstring says)."""
 
-    def __init__(self, ws: ServerConnection | ClientConnection) -> None:
+    __slots__ = ("_ws", "_recv", "_proto", "_limits")
+
+    def __init__(self, ws: ServerConnection | ClientConnection, limits: Limits) -> None:
         self._ws = ws
         self._recv = ws.recv
-        self._send = ws.send
+        self._proto = ws.protocol
+        self._limits = limits
+
+    def _closed(self, e: ConnectionClosed | None = None) -> EndpointClosed:
+        p = self._proto
+        return closed_error(p.close_sent, p.close_rcvd, p.close_rcvd_then_sent,
+                            getattr(self._ws, "vb_cause", None))
 
     async def recv(self) -> str | bytes:
         try:
             return await self._recv()
         except ConnectionClosed as e:
-            rcvd = e.rcvd
-            raise EndpointClosed(rcvd.code if rcvd else 1006, rcvd.reason if rcvd else "") from None
+            raise self._closed(e) from None
 
     async def send(self, frame: str) -> None:
-        try:
-            await self._send(frame)
-        except ConnectionClosed as e:
-            rcvd = e.rcvd
-            raise EndpointClosed(rcvd.code if rcvd else 1006, rcvd.reason if rcvd else "") from None
+        ws = self._ws
+        if self._proto.state is not State.OPEN:
+            raise self._closed()
+        self._proto.send_text(frame.encode())
+        ws.send_data()
+        if ws.paused and ws.transport.get_write_buffer_size() > self._limits.send_buffer_bytes:
+            ws.vb_abort("send_buffer_full")  # type: ignore[union-attr]
+            raise EndpointClosed(1006, "send buffer full", "send_buffer_full")
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         await self._ws.close(code, reason)
@@ -79,21 +211,24 @@ class WsEndpoint:
         return self._ws.close_code
 
     @property
-    def request_headers(self) -> dict[str, str]:  # for logs/tests; no secrets logged from here
-        req = getattr(self._ws, "request", None)
-        return dict(req.headers.raw_items()) if req is not None else {}
+    def remote_address(self) -> Any:
+        return self._ws.remote_address
 
 
 async def dial(url: str, headers: dict[str, str], *, timeout_s: float, max_size: int,
-               close_timeout_s: float, ping_interval_s: float | None = 20.0) -> WsEndpoint:
+               close_timeout_s: float, ping_interval_s: float | None = 20.0,
+               limits: Limits = Limits()) -> WsEndpoint:
     """Open an upstream websocket. Raises ConnectFailed with a loggable reason."""
     try:
         ws = await asyncio.wait_for(
             connect(url, additional_headers=headers, max_size=max_size, compression=None,
                     open_timeout=None, close_timeout=close_timeout_s, proxy=None,
                     ping_interval=ping_interval_s, ping_timeout=ping_interval_s,
+                    max_queue=max(2, limits.recv_queue_bytes // max_size),
+                    create_connection=BoundedClientConnection,
                     user_agent_header="voicebridge"),
             timeout_s)
+        ws.limits = limits
     except InvalidStatus as e:
         status = e.response.status_code
         raise ConnectFailed(f"upstream refused the websocket: HTTP {status}", status) from None
@@ -101,4 +236,4 @@ async def dial(url: str, headers: dict[str, str], *, timeout_s: float, max_size:
         raise ConnectFailed(f"upstream connect timed out after {timeout_s:g} s") from None
     except (OSError, InvalidHandshake, InvalidURI, ValueError) as e:
         raise ConnectFailed(f"upstream connect failed: {type(e).__name__}: {e}"[:200]) from None
-    return WsEndpoint(ws)
+    return WsEndpoint(ws, limits)

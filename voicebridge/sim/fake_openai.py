@@ -269,6 +269,7 @@ class FakeRealtimeServer:
             headers=request.headers.copy(),
             opened_at=time.monotonic(),
             azure=parts.path == AZURE_PATH,
+            peer=ws.remote_address,
         )
         self.sessions.append(rec)
         self._open += 1

@@ -13,6 +13,7 @@ import base64
 import binascii
 import logging
 import secrets
+import socket
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -83,6 +84,11 @@ class _Conn(_ResponseMixin):
         self.requests_remaining = 5000
         self.tokens_remaining = 400000
         self.expire_handle: asyncio.TimerHandle | None = None
+        self.stop_reading_handle: asyncio.TimerHandle | None = None
+        # malicious-upstream knobs, fixed for the whole session
+        self.silent = self.cfg.silent
+        self.bad_delta = self.cfg.bad_delta
+        self.stop_reading_after_s = self.cfg.stop_reading_after_s
         self.expire_task: asyncio.Task[None] | None = None
         self.handlers: dict[str, Callable[[dict[str, Any], str | None], Awaitable[None]]] = {
             "session.update": self._on_session_update,
@@ -155,6 +161,11 @@ class _Conn(_ResponseMixin):
                 await self.send_error("invalid_intent", f"Invalid intent: '{intent}'.", "intent")
                 await ws.close(4000, "invalid_request_error.invalid_intent")
                 return
+            if self.stop_reading_after_s is not None:
+                self._arm_stop_reading(self.stop_reading_after_s)
+            if self.silent:
+                await self._read_silently()
+                return
             await self.send("session.created", session=self.session)
             limit = self.cfg.session_limit_s
             if limit is not None:
@@ -175,7 +186,41 @@ class _Conn(_ResponseMixin):
         finally:
             await self._cleanup()
 
+    async def _read_silently(self) -> None:
+        """``silent`` knob: read (and record) client events, never answer anything."""
+        async for message in self.ws:
+            if not self.record or isinstance(message, bytes):
+                continue
+            try:
+                event = _json_decode(message)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(event, dict):
+                self.rec.received.append((time.monotonic(), event))
+
+    def _arm_stop_reading(self, after_s: float) -> None:
+        """``stop_reading_after_s`` knob: small receive buffer now, no reading after ``after_s``."""
+        sock = self.ws.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            except OSError:
+                pass
+        self.stop_reading_handle = self.loop.call_later(max(0.0, after_s), self._stop_reading)
+
+    def _stop_reading(self) -> None:
+        transport = self.ws.transport
+        if transport.is_closing():
+            return
+        # websockets resumes reading when its own frame queue drains; it must not any more
+        self.ws.recv_messages.resume = lambda: None
+        transport.pause_reading()
+        self.rec.reading_stopped_at = time.monotonic()
+        log.info("session %s stopped reading (fault knob)", self.rec.id)
+
     async def _cleanup(self) -> None:
+        if self.stop_reading_handle is not None:
+            self.stop_reading_handle.cancel()
         if self.expire_handle is not None:
             self.expire_handle.cancel()
         run = self.active

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("voicebridge.sim.fake_openai")
 
 FUNCTION_CALL_MARKER = "@@"
+_json_encode = msgspec.json.Encoder().encode
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -96,6 +98,7 @@ class _ResponseMixin:
     audio_output_started: bool
     requests_remaining: int
     tokens_remaining: int
+    bad_delta: str | None
 
     if TYPE_CHECKING:  # provided by _Conn
 
@@ -302,7 +305,12 @@ class _ResponseMixin:
                     break
                 run.inflight_left -= 1
             chunk_ms = delta_ms if i < n - 1 else total_ms - delta_ms * (n - 1)
-            if not text_only:
+            if not text_only and i == 0 and self.bad_delta is not None:
+                # fault knob: the first delta of the response is an injection attempt, no audio
+                self.audio_output_started = True
+                await ws.send(head + self._eid() + mid + _json_encode(self.bad_delta).decode()[1:-1] + '"}')
+                self.rec.bad_deltas_sent += 1
+            elif not text_only:
                 full, rest = self._delta_audio(chunk_ms)
                 if cfg.stamp_deltas and len(rest) != len(full):
                     stamp = struct.pack(">IQ", self.rec.deltas_sent, time.monotonic_ns())
