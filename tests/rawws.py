@@ -162,6 +162,10 @@ class RawWs:
                 return True
         return False
 
+    def stop_reading(self) -> None:
+        """Read nothing more from the socket: what the server sends piles up in its buffers."""
+        self.writer.transport.pause_reading()
+
     def abort(self) -> None:
         transport = self.writer.transport
         if not transport.is_closing():

@@ -34,7 +34,8 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from .transport import MAX_QUEUED_MESSAGES, ConnectFailed, EndpointClosed, Limits, closed_error
+from .transport import (MAX_QUEUED_MESSAGES, ConnectFailed, EndpointClosed, Limits, RequestHead,
+                        closed_error)
 
 _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
 _tls: ssl_mod.SSLContext | None = None
@@ -78,6 +79,8 @@ class FastEndpoint(asyncio.Protocol):
         # handshake hooks, set by the listener / dialer
         self.on_request: Callable[[FastEndpoint, Request], None] | None = None
         self.refused = False
+        self._head: RequestHead | None = None
+        self._eof_sent = False
         self.handshake: asyncio.Future[Response] | None = None
         self.request: Request | None = None
 
@@ -88,6 +91,7 @@ class FastEndpoint(asyncio.Protocol):
             transport.abort()
             return
         if self.on_request is not None:  # server side: bound the opening handshake
+            self._head = RequestHead()
             self._open_handle = self._loop.call_later(self._handshake_timeout_s, self.abort)
 
     def opened(self) -> None:
@@ -100,9 +104,14 @@ class FastEndpoint(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         proto = self.proto
+        if self._head is not None and not self._head.done:   # server side, before the upgrade
+            head = self._head.feed(data, self.transport)
+            if head is None:
+                return
+            data = head
         try:
             proto.receive_data(data)
-        except Exception:  # e.g. a second request pipelined before the first was answered
+        except Exception:  # the parser must never take the loop's callback down with it
             self.abort()
             return
         for ev in proto.events_received():
@@ -201,9 +210,12 @@ class FastEndpoint(asyncio.Protocol):
         if transport is None:
             return
         for data in self.proto.data_to_send():
+            if self._eof_sent:
+                break
             if data:
                 transport.write(data)
             elif transport.can_write_eof():
+                self._eof_sent = True
                 try:
                     transport.write_eof()  # the protocol ended the stream (after a close)
                 except (OSError, RuntimeError):  # uvloop raises when the socket is already gone

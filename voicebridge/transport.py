@@ -32,6 +32,49 @@ CAUSES = ("frame_too_big", "protocol_error", "keepalive_timeout", "shutdown", "s
 MAX_QUEUED_MESSAGES = 64   # received, unread messages per connection (bytes: Limits.recv_queue_bytes)
 
 
+MAX_REQUEST_HEAD_BYTES = 16 * 1024
+_BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n%s")
+
+
+class RequestHead:
+    """Server side, before the upgrade: hands the parser exactly one HTTP request head.
+
+    Bytes after the head (a second, pipelined request, or frames sent before our 101) and heads
+    larger than `MAX_REQUEST_HEAD_BYTES` are refused with a 400 and the connection is closed:
+    the websocket client must wait for the answer to its upgrade before it sends anything."""
+
+    __slots__ = ("buf", "done")
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.done = False
+
+    def feed(self, data: bytes, transport: Any) -> bytes | None:
+        """The complete head once it is in (feed it to the protocol), else None (wait for more,
+        or refused: the 400 has been written and the transport closed)."""
+        buf = self.buf + data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_REQUEST_HEAD_BYTES:
+                self.refuse(transport, b"request head too large\n")
+            else:
+                self.buf = buf
+            return None
+        self.done = True
+        self.buf = b""
+        if end + 4 != len(buf):
+            self.refuse(transport, b"one request per connection, and no data before the 101\n")
+            return None
+        return buf
+
+    @staticmethod
+    def refuse(transport: Any, text: bytes) -> None:
+        if not transport.is_closing():
+            transport.write(_BAD_REQUEST % (len(text), text))
+            transport.close()
+
+
 class Limits(NamedTuple):
     """Per-connection bounds, from `server.*` (see README, "Limits and hardening")."""
     send_buffer_bytes: int = 1024 * 1024
@@ -142,6 +185,17 @@ class BoundedServerConnection(_SendBounds, ServerConnection):
     pending: set["BoundedServerConnection"] | None = None
     max_pending = 0
     on_refused: Any = None
+    _head: RequestHead | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._head is None:
+            self._head = RequestHead()
+        if not self._head.done:
+            head = self._head.feed(data, self.transport)
+            if head is None:
+                return
+            data = head
+        super().data_received(data)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         pending = self.pending

@@ -1,0 +1,136 @@
+"""Per-connection bounds on both transports, in-process (the daemon-level attack tests in
+test_hardening.py run the default transport): a peer that never reads its pongs, fragment
+floods, unread big frames, pipelined upgrades, the call cap, and what the call logs as its end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.conftest import TOKEN, fast_fake, running, wait_for
+from tests.rawws import OP_CLOSE, OP_CONT, OP_PING, OP_TEXT, RawWs, frame, text, upgrade_request
+from voicebridge.sim.caller import CallerConfig, Silence, Speak, WaitForBot, run_call
+
+pytestmark = pytest.mark.usefixtures("both_transports")
+
+INIT = json.dumps({"type": "session.initiate", "conversationId": "lim-1", "botName": "b",
+                   "caller": "+1", "expectAudioMessages": True,
+                   "supportedMediaFormats": ["raw/lpcm16_24"]})
+
+
+async def _open(bridge) -> RawWs:
+    ws = await RawWs.open("127.0.0.1", bridge.port, bridge.cfg.server.path, TOKEN)
+    assert ws.status == 101
+    return ws
+
+
+async def test_peer_that_never_reads_its_pongs_is_dropped(logs):
+    """Attack A: pings in batches, never reading: the unsent pongs stay bounded, then the socket
+    is aborted; a clean call beside it is unaffected."""
+    async with running(server={"send_buffer_bytes": 65536, "send_timeout_s": 1.0}) as (fake, bridge):
+        ws = await _open(bridge)
+        ws.send(text(INIT))
+        await ws.read_frames(0.3)                 # session.accepted; from now on read nothing
+        ws.stop_reading()
+        ping = frame(OP_PING, b"p" * 125)
+        clean = asyncio.create_task(run_call(CallerConfig(
+            url=f"ws://127.0.0.1:{bridge.port}{bridge.cfg.server.path}", token=TOKEN,
+            script=[Speak(400), WaitForBot(3000), Silence(100)])))
+        closed = False
+        for _ in range(400):                      # at most ~20 MB of pings; never read a byte
+            ws.send(ping * 400)
+            try:
+                await ws.drain(0.05)
+            except (asyncio.TimeoutError, TimeoutError, ConnectionError):
+                pass
+            if ws.writer.transport.is_closing() or ws.reader.at_eof():
+                closed = True
+                break
+            await asyncio.sleep(0.01)
+        res = await asyncio.wait_for(clean, 15)
+        assert await wait_for(lambda: len(bridge.calls) == 0, 5.0)
+        ws.abort()
+    assert res.end_reason == "caller-hangup" and res.violations == [] and len(res.streams) == 1
+    ends = {e["call_id"]: e for e in logs.events("call.end")}
+    assert ends["lim-1"]["reason"] == "vaic_not_reading", ends["lim-1"]
+    assert closed or ends["lim-1"]
+
+
+async def test_fragment_flood_is_closed_with_1009(logs):
+    """Attack B: one text fragment, then empty continuation frames by the thousand."""
+    async with running(server={"max_fragments": 64}) as (fake, bridge):
+        ws = await _open(bridge)
+        ws.send(text(INIT))
+        ws.send(frame(OP_TEXT, b"{", fin=False) + frame(OP_CONT, b"", fin=False) * 5000)
+        frames = await ws.read_frames(5.0)
+        ws.abort()
+        assert await wait_for(lambda: not bridge.calls, 5.0)
+    closes = [p for op, p in frames if op == OP_CLOSE]
+    assert closes and int.from_bytes(closes[0][:2], "big") == 1009
+    [end] = logs.events("call.end")
+    assert end["reason"] == "vaic_frame_too_big" and end["detail"] == "code=1009"
+
+
+async def test_unread_big_frames_pause_the_socket(logs):
+    """Attack D: big frames the call cannot keep up with stay bounded in bytes: the socket is
+    not read past `server.recv_queue_bytes`, and the call ends normally afterwards."""
+    big = json.dumps({"type": "weird.big", "pad": "x" * 900_000})
+    async with running(server={"recv_queue_bytes": 2_000_000}) as (fake, bridge):
+        ws = await _open(bridge)
+        ws.send(text(INIT))
+        payload = text(big) * 20                   # 18 MB
+        ws.send(payload)
+        await asyncio.sleep(0.5)
+        [call] = bridge.calls
+        ep = call.ac
+        queued = getattr(ep, "_queued_bytes", None)
+        if queued is not None:                     # the lean transport: bytes are observable
+            assert queued <= 2_000_000 + 1_000_000
+        ws.send(text(json.dumps({"type": "session.end", "conversationId": "lim-1"})))
+        assert await wait_for(lambda: not bridge.calls, 10.0)
+        ws.abort()
+    [end] = logs.events("call.end")
+    assert end["reason"] == "vaic_session_end"
+
+
+async def test_pipelined_upgrades_get_a_400_and_no_traceback(logs):
+    """Attack I: two upgrade requests in one segment."""
+    async with running() as (fake, bridge):
+        ws = await RawWs.connect("127.0.0.1", bridge.port)
+        req = upgrade_request(bridge.cfg.server.path, "x", TOKEN)
+        ws.send(req + req)
+        assert await ws.read_head(3.0) == 400
+        assert await ws.closed_by_peer(3.0)
+        assert not bridge.calls and fake.sessions == []
+    assert all(e["level"] != "error" for e in logs.events())
+
+
+async def test_max_calls_gets_503_before_the_upgrade(logs):
+    async with running(server={"max_calls": 2}) as (fake, bridge):
+        held = [await _open(bridge) for _ in range(2)]
+        for ws in held:
+            ws.send(text(INIT))
+        extra = await RawWs.open("127.0.0.1", bridge.port, bridge.cfg.server.path, TOKEN)
+        assert extra.status == 503 and b"Retry-After: 1" in extra.head
+        for ws in held:
+            ws.abort()
+        assert await wait_for(lambda: not bridge.calls, 5.0)
+        again = await RawWs.open("127.0.0.1", bridge.port, bridge.cfg.server.path, TOKEN)
+        assert again.status == 101                 # capacity is given back
+        again.abort()
+        assert bridge.stats.calls_refused == 1
+    assert logs.events("conn.refused")[0]["reason"] == "max_calls"
+
+
+async def test_injection_from_the_upstream_never_reaches_vaic(logs):
+    """Attack K: a delta whose "base64" closes the JSON string and adds a transfer activity."""
+    evil = 'AAAA","type":"activities","activities":[{"type":"event","name":"transfer"}],"x":"'
+    async with running(fast_fake(bad_delta=evil)) as (fake, bridge):
+        res = await run_call(CallerConfig(
+            url=f"ws://127.0.0.1:{bridge.port}{bridge.cfg.server.path}", token=TOKEN,
+            script=[Speak(400), WaitForBot(3000), Silence(200)]))
+    assert res.end_reason == "caller-hangup"
+    assert not any(a.get("name") == "transfer" for a in res.received_activities)
+    assert logs.events("call.openai_bad_audio")
