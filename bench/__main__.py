@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transport", default="fast", choices=["fast", "websockets"],
                     help="the bridge's server.transport (default fast)")
     ap.add_argument("--profile-calls", type=int, default=300, help="calls during the profiled run (default 300)")
+    ap.add_argument("--ab", metavar="DIR", help="A/B only: the bridge of checkout DIR (A) against this "
+                    "tree (B), alternating, at --levels (default 100,200); e.g. DIR = a git worktree "
+                    "of an earlier commit")
+    ap.add_argument("--rounds", type=int, default=2, help="--ab: runs per variant and level (default 2)")
     a = ap.parse_args(argv)
 
     t_start = time.monotonic()
@@ -143,6 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     say(f"voicebridge bench ({res['mode']}) on {m['cpus']} CPUs ({m['cpu']}), python {m['python']}, "
         f"git {m['git']}; bridge on CPU {orch.BRIDGE_CPU}, generator on CPU {orch.GEN_CPU}"
         + ("" if pin else "  [NOT PINNED: fewer than 2 CPUs available, numbers are not comparable]"))
+
+    if a.ab:
+        from . import ab
+        levels = _levels(a.levels) if a.levels else [100, 200]
+        say(f"A/B: {a.ab} (A) vs this tree (B), levels {levels}, {a.rounds} rounds, {window:g} s windows")
+        res["ab"] = ab.run_ab(opts, Path(a.ab).resolve(), levels, a.rounds, say)
+        res["elapsed_s"] = round(time.monotonic() - t_start, 1)
+        say("")
+        say(ab.table(res["ab"]))
+        say(f"results: {report.write_json(res, orch.RESULTS, stamp)}")
+        return 1 if any(lv["violations"] for lv in res["ab"]["levels"].values()) else 0
 
     # ---- transport floor (first, on a quiet machine)
     if not a.no_floor:

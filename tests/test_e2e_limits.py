@@ -134,3 +134,24 @@ async def test_injection_from_the_upstream_never_reaches_vaic(logs):
     assert res.end_reason == "caller-hangup"
     assert not any(a.get("name") == "transfer" for a in res.received_activities)
     assert logs.events("call.openai_bad_audio")
+
+
+async def test_slowloris_cannot_lock_out_a_real_call(logs):
+    """Attack F: more half-finished handshakes than the cap: the oldest are dropped, and a real
+    call (which sends its request at once) still gets through."""
+    async with running(server={"max_pending_handshakes": 20, "handshake_timeout_s": 30}) as (fake, bridge):
+        slow = []
+        for _ in range(60):
+            ws = await RawWs.connect("127.0.0.1", bridge.port)
+            ws.send(b"GET /voicebridge HTTP/1.1\r\nHost: x\r\n")      # and never the rest
+            slow.append(ws)
+        await asyncio.sleep(0.2)
+        res = await run_call(CallerConfig(
+            url=f"ws://127.0.0.1:{bridge.port}{bridge.cfg.server.path}", token=TOKEN,
+            script=[Speak(400), WaitForBot(3000), Silence(100)]))
+        dropped = sum([await ws.closed_by_peer(0.05) for ws in slow])
+        for ws in slow:
+            ws.abort()
+    assert res.end_reason == "caller-hangup" and res.violations == [] and len(res.streams) == 1
+    assert dropped >= 40                       # at most 20 were ever held
+    assert logs.events("conn.refused")[0]["reason"] == "max_pending_handshakes"

@@ -15,8 +15,10 @@ Contract, identical to `transport.WsEndpoint`:
 - keepalive: a ping every `ping_interval_s`; no pong by the next ping aborts the connection.
 - `send` never waits for the peer, and everything is bounded as `transport.Limits` says (unsent
   bytes, time paused, unread messages in count and bytes, fragments per message).
-Listener: at most `max_pending` connections in their opening handshake (more are closed at once),
-each given `handshake_timeout_s` to send its upgrade request; one request per connection.
+Listener: at most `max_pending` connections in their opening handshake, each given
+`handshake_timeout_s` to send its upgrade request; past the cap the *oldest* one is dropped, so
+a slowloris holding the slots cannot lock out a real client (whose request follows its connect
+at once); one request per connection.
 """
 
 from __future__ import annotations
@@ -323,7 +325,7 @@ class FastServer:
         self._max_pending = max_pending
         self._backlog = backlog
         self._on_refused = on_refused
-        self._pending: set[FastEndpoint] = set()    # accepted, not yet answered
+        self._pending: dict[FastEndpoint, None] = {}   # accepted, not yet answered, oldest first
         self._process_request = process_request
         self._max_size = max_size
         self._close_timeout_s = close_timeout_s
@@ -339,22 +341,23 @@ class FastServer:
                           close_timeout_s=self._close_timeout_s, ping_interval_s=self._ping_interval_s,
                           limits=self._limits, handshake_timeout_s=self._handshake_timeout_s)
         if len(self._pending) >= self._max_pending:
-            ep.refused = True   # connection_made closes it at once
+            oldest = next(iter(self._pending))
+            del self._pending[oldest]
+            oldest.abort()
             if self._on_refused is not None:
                 self._on_refused("max_pending_handshakes")
-            return ep
         ep.on_request = self._on_request
         self._all.add(ep)
-        self._pending.add(ep)
+        self._pending[ep] = None
 
         def gone(_: Any) -> None:
             self._all.discard(ep)
-            self._pending.discard(ep)
+            self._pending.pop(ep, None)
         ep._lost_fut.add_done_callback(gone)
         return ep
 
     def _on_request(self, ep: FastEndpoint, request: Request) -> None:
-        self._pending.discard(ep)
+        self._pending.pop(ep, None)
         proto: ServerProtocol = ep.proto  # type: ignore[assignment]
         try:
             response = self._process_request(ep, request)

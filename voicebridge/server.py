@@ -226,7 +226,7 @@ class Bridge:
             await fast.start(host, port)
             return fast
         conn_cls = type("VoicebridgeConnection", (BoundedServerConnection,), {
-            "limits": limits_of(self.cfg), "pending": set(), "max_pending": max_pending,
+            "limits": limits_of(self.cfg), "pending": {}, "max_pending": max_pending,
             "on_refused": staticmethod(self._on_refused)})
         return await serve(
             handler, host, port, process_request=process_request,

@@ -180,9 +180,10 @@ class BoundedClientConnection(_SendBounds, ClientConnection):
 
 class BoundedServerConnection(_SendBounds, ServerConnection):
     """websockets' server connection with the send bounds and a shared cap on connections still
-    in their opening handshake (`pending`, `max_pending`; set by the server)."""
+    in their opening handshake (`pending`, oldest first, and `max_pending`; set by the server):
+    past the cap the oldest is dropped, as `fastws.FastServer` does."""
 
-    pending: set["BoundedServerConnection"] | None = None
+    pending: dict["BoundedServerConnection", None] | None = None
     max_pending = 0
     on_refused: Any = None
     _head: RequestHead | None = None
@@ -201,16 +202,18 @@ class BoundedServerConnection(_SendBounds, ServerConnection):
         pending = self.pending
         if pending is not None:
             if len(pending) >= self.max_pending:
-                transport.abort()
+                oldest = next(iter(pending))
+                del pending[oldest]
+                if oldest.transport is not None:
+                    oldest.transport.abort()
                 if self.on_refused is not None:
                     self.on_refused("max_pending_handshakes")
-            else:
-                pending.add(self)
+            pending[self] = None
         super().connection_made(transport)
 
     def handshake_done(self) -> None:
         if self.pending is not None:
-            self.pending.discard(self)
+            self.pending.pop(self, None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.handshake_done()
