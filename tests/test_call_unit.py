@@ -33,6 +33,9 @@ class MemEnd:
         return item  # type: ignore[return-value]
 
     async def send(self, frame: str) -> None:
+        self.send_nowait(frame)
+
+    def send_nowait(self, frame: str) -> None:
         if self.code is not None:
             raise EndpointClosed(self.code, "")
         self.sent.append((time.monotonic() - self.t0, json.loads(frame)))

@@ -22,7 +22,7 @@ def cfg_with(**openai: object):
 def test_session_update_is_valid_ga(fmt, vad):
     cfg = cfg_with(vad={"type": vad}, transcription_model="gpt-4o-mini-transcribe",
                    noise_reduction="near_field")
-    frame = rt.session_update(cfg, fmt, fmt, "be brief")
+    frame = rt.session_update(cfg.openai, fmt, fmt, "be brief")
     model = validate_client_event(frame)
     obj = json.loads(frame)
     assert obj["session"]["type"] == "realtime"
@@ -77,12 +77,12 @@ def test_error_classification():
 def test_target_openai_and_azure():
     cfg = cfg_with(model="gpt-realtime")
     from voicebridge.config import Secrets
-    url, headers = rt.target(cfg, Secrets(openai_api_key="sk-x"))
+    url, headers = rt.target(cfg.openai, Secrets(openai_api_key="sk-x"))
     assert url == "wss://api.openai.com/v1/realtime?model=gpt-realtime"
     assert headers == {"Authorization": "Bearer sk-x"}
     assert not any(k.lower() == "openai-beta" for k in headers)
     cfg = cfg_with(provider="azure", azure_endpoint="wss://res.openai.azure.com/",
                    azure_deployment="my-rt")
-    url, headers = rt.target(cfg, Secrets(azure_api_key="az"))
+    url, headers = rt.target(cfg.openai, Secrets(azure_api_key="az"))
     assert url == "wss://res.openai.azure.com/openai/v1/realtime?model=my-rt"
     assert headers == {"api-key": "az"} and "api-version" not in url

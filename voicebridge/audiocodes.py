@@ -249,17 +249,19 @@ class AcProtocol:
     """
 
     __slots__ = ("state", "conversation_id", "participant", "user_streaming", "_out",
-                 "unknown_seen", "stream_seq", "media_format")
+                 "stream_seq", "media_format", "stream_id", "_chunk_prefix", "_chunk_suffix")
 
-    def __init__(self) -> None:
+    def __init__(self, out: list[str] | None = None) -> None:
+        """`out`: the list frames to VAIC are appended to (a call shares its own); default a new one."""
         self.state = AcState.WAIT_INITIATE
         self.conversation_id = ""
         self.participant: str | None = None
         self.user_streaming = False
-        self._out: list[str] = []
-        self.unknown_seen: set[str] = set()
+        self._out: list[str] = out if out is not None else []
         self.stream_seq = 0
         self.media_format = ""
+        self.stream_id: str | None = None       # the play stream open at VAIC, if any
+        self._chunk_prefix = self._chunk_suffix = ""
 
     # -- input
     def receive(self, frame: str | bytes) -> AcEvent:
@@ -348,23 +350,57 @@ class AcProtocol:
         self.state = AcState.ENDING
 
     def request_hangup(self, reason: str) -> None:
-        """Ask VAIC to end the call (hangup activity); VAIC answers with session.end."""
+        """Ask VAIC to end the call (hangup activity, after stopping an open play stream);
+        VAIC answers with session.end."""
         if self.state is AcState.ACTIVE:
+            self.stop_play()
             self._out.append(hangup(reason))
             self.state = AcState.ENDING
 
-    def next_stream_id(self) -> str:
+    # -- the bot's audio: one play stream at a time, chunks only inside one
+    def start_play(self) -> str:
+        """playStream.start of a new stream in the accepted format; returns its id."""
+        if self.stream_id is not None or self.state is not AcState.ACTIVE:
+            raise RuntimeError(f"start_play() with stream {self.stream_id} in state {self.state.value}")
         self.stream_seq += 1
-        return str(self.stream_seq)
+        sid = self.stream_id = str(self.stream_seq)
+        self._chunk_prefix, self._chunk_suffix = chunk_template(sid)
+        self._out.append(encode(PlayStreamStart(streamId=sid, mediaFormat=self.media_format)))
+        return sid
+
+    def play_chunk(self, b64: str) -> None:
+        """playStream.chunk of the open stream (hot path: a template, `b64` is strict base64)."""
+        self._out.append(self._chunk_prefix + b64 + self._chunk_suffix)
+
+    def stop_play(self) -> bool:
+        """playStream.stop of the open stream; False when none is open."""
+        sid = self.stream_id
+        if sid is None:
+            return False
+        self.stream_id = None
+        self._out.append(encode(PlayStreamStop(streamId=sid)))
+        return True
+
+    # -- speech reports (VAIC relies on speech.started for its own barge-in)
+    def speech_started(self) -> None:
+        self._out.append(encode(SpeechStarted(participant=self.participant)))
+
+    def speech_stopped(self) -> None:
+        self._out.append(encode(SpeechStopped(participant=self.participant)))
+
+    def speech_committed(self) -> None:
+        self._out.append(encode(SpeechCommitted(participant=self.participant)))
+
+    def recognition(self, text: str) -> None:
+        self._out.append(encode(SpeechRecognition(alternatives=[Alternative(text=text)],
+                                                  participant=self.participant)))
 
     # -- output
     def data_to_send(self) -> list[str]:
         """Frames queued by the state machine, in order; the queue is emptied."""
-        out, self._out = self._out, []
+        out = list(self._out)
+        self._out.clear()
         return out
-
-    def has_output(self) -> bool:
-        return bool(self._out)
 
 
 _KNOWN_TYPES = frozenset(

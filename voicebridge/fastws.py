@@ -265,6 +265,9 @@ class FastEndpoint(asyncio.Protocol):
             await fut
 
     async def send(self, frame: str) -> None:
+        self.send_nowait(frame)
+
+    def send_nowait(self, frame: str) -> None:
         """Never waits: see `transport.Limits` for what bounds a peer that does not read."""
         proto = self.proto
         if proto.state is not State.OPEN or self._lost:

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import msgspec
 
-from .config import Config, Secrets
+from .config import OpenAIConfig, Secrets
 
 # ----------------------------------------------------------------------------- server -> client
 
@@ -186,9 +186,9 @@ def append_template() -> tuple[str, str]:
     return '{"type":"input_audio_buffer.append","audio":"', '"}'
 
 
-def session_update(cfg: Config, input_format: dict[str, Any], output_format: dict[str, Any],
+def session_update(o: OpenAIConfig, input_format: dict[str, Any], output_format: dict[str, Any],
                    instructions: str) -> str:
-    o = cfg.openai
+    """The first `session.update` of a call (a per-call profile is an `OpenAIConfig` too)."""
     vad = o.vad
     turn: dict[str, Any] | None
     if vad.type == "none":
@@ -240,13 +240,12 @@ def truncate(item_id: str, audio_end_ms: int) -> str:
 # ----------------------------------------------------------------------------- connection target
 
 
-def target(cfg: Config, secrets: Secrets) -> tuple[str, dict[str, str]]:
+def target(o: OpenAIConfig, secrets: Secrets) -> tuple[str, dict[str, str]]:
     """URL and headers for the upstream socket. GA only: never an `OpenAI-Beta` header.
 
     OpenAI: `<url>?model=<model>` with `Authorization: Bearer $OPENAI_API_KEY`.
     Azure GA: `<endpoint>/openai/v1/realtime?model=<deployment>` with `api-key`
     (no api-version: the GA endpoint answers 401 to one)."""
-    o = cfg.openai
     if o.provider == "azure":
         url = f"{o.azure_endpoint.rstrip('/')}/openai/v1/realtime?model={quote(o.azure_deployment)}"
         return url, {"api-key": secrets.azure_api_key}

@@ -3,7 +3,8 @@
 `call.py` only sees `Endpoint`. Two implementations: `WsEndpoint` here (websockets' asyncio
 layer) and `fastws.FastEndpoint` (websockets' Sans-I/O protocol on uvloop). Both keep the same
 contract, including every bound in `Limits`:
-- `send(text)` never waits for the peer: the frame goes to the transport's buffer. A socket
+- `send_nowait(text)` (and `send`, its awaitable twin) never waits for the peer: the frame goes
+  to the transport's buffer. A socket
   whose unsent bytes exceed `send_buffer_bytes`, or whose writes stay paused (peer not reading)
   for `send_timeout_s`, is aborted; `send` then raises `EndpointClosed`. So a peer that stops
   reading costs bounded memory and never blocks the task that also watches the other peer.
@@ -105,6 +106,7 @@ class ConnectFailed(Exception):
 class Endpoint(Protocol):
     async def recv(self) -> str | bytes: ...
     async def send(self, frame: str) -> None: ...
+    def send_nowait(self, frame: str) -> None: ...
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
     def abort(self) -> None: ...
     @property
@@ -246,6 +248,9 @@ class WsEndpoint:
             raise self._closed(e) from None
 
     async def send(self, frame: str) -> None:
+        self.send_nowait(frame)
+
+    def send_nowait(self, frame: str) -> None:
         ws = self._ws
         if self._proto.state is not State.OPEN:
             raise self._closed()

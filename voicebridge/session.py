@@ -1,0 +1,886 @@
+"""The call as one Sans-I/O state machine: `CallSession`.
+
+Everything a call decides lives here: both protocol state machines (`AcProtocol`, the Realtime
+events), format negotiation and transcoding, the playout clock, response and item tracking,
+barge-in and truncate arithmetic, the greeting and the `start` activity, error
+classification, timeouts and ending. It never touches a socket, a task or a clock:
+
+- **events in**, each with `now_ns` (the shell's `time.monotonic_ns()`): `vaic_frame`,
+  `openai_connected`, `openai_connect_failed`, `openai_frame`, `openai_lost`, `vaic_lost`,
+  `vaic_attached`, `timer`;
+- **out**: `to_vaic` and `to_openai` (frames, in order, for the shell to send and clear),
+  `effects` (`Dial`, `CloseOpenAI`, `CloseVaic`, `Log`, `Finished`: what the shell must do, in
+  order), `marks` (histograms to record once the frames above have been sent), and
+  `next_deadline_ns()` (when to call `timer` next; None: no timer needed).
+
+Hot path: `vaic_frame` returns the `input_audio_buffer.append` frame of a caller chunk itself
+(no list, no effect); a model delta's chunks go straight into `to_vaic` through `AcProtocol`'s
+template. Nothing is allocated per frame beyond decoding and the frame strings.
+
+State: one home, transitions written down.
+- `phase`: the call (`PHASE_TRANSITIONS`);
+- `upstream`: the OpenAI side (`UPSTREAM_TRANSITIONS`);
+- playout: `playout_state()` derives IDLE / PLAYING / STOPPING from the playout clock, whose
+  open item always equals `AcProtocol.stream_id` being set (asserted by the simulation tests);
+- the response in flight: `active_response` (id or None) and `cancelled` (ids whose late deltas
+  are dropped).
+An event that is not allowed in the current state (a transition missing from the tables) is an
+internal error: the call ends cleanly, with a hang-up and a log line, never a hang.
+
+Sockets can be swapped without losing the call: `openai_swap` + `openai_connected` on the new
+socket re-sends `session.update` (and the instructions once the `start` activity was seen;
+caller audio meanwhile is buffered, bounded, and flushed in order); `vaic_detached` +
+`vaic_attached` keep the call and its OpenAI session and reset the play state (an interrupted
+prompt is truncated at what was heard, pending audio dropped, nothing is sent meanwhile).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from typing import Any, NamedTuple
+
+import msgspec
+
+from . import audiocodes as ac
+from . import realtime as rt
+from .audio import (WAV_HEADER_ON_PLAY_START, NoCommonFormat, Negotiated, Transcoder,
+                    make_transcoder, ms_of_b64, negotiate, wav_header)
+from .bounds import ID_CHARS, OnceKeys, clip, clip_list, is_b64
+from .config import Config, Secrets
+from .playout import CHUNK, END, Playout, Taken, piece_chars, split_b64
+from .stats import Histogram, Stats
+
+_LOG_FIRST_N = 5                 # per call, for repeated bad-input log lines
+_DECLINE_CLOSE_NS = 2_000_000_000  # after session.error, VAIC closes; if not, we do after this
+NS = 1_000_000_000
+
+# ------------------------------------------------------------------------------------ effects
+
+
+class Dial(NamedTuple):
+    """Open the OpenAI socket; report `openai_connected` or `openai_connect_failed`."""
+    url: str
+    headers: dict[str, str]
+
+
+class CloseOpenAI(NamedTuple):
+    """Close the OpenAI socket (within `openai.close_timeout_s`, then abort)."""
+    code: int
+    reason: str
+
+
+class CloseVaic(NamedTuple):
+    """Close the VAIC socket."""
+    code: int
+    reason: str
+
+
+class Log(NamedTuple):
+    level: str
+    event: str
+    fields: dict[str, Any]
+
+
+class Finished(NamedTuple):
+    """The call is over: close whatever is still open, then stop."""
+    reason: str
+
+
+Effect = Dial | CloseOpenAI | CloseVaic | Log | Finished
+
+# ------------------------------------------------------------------------------------ state
+
+
+class Phase(enum.Enum):
+    INITIATING = "initiating"   # socket open, waiting for session.initiate
+    ACTIVE = "active"           # session.accepted sent
+    ENDING = "ending"           # we asked VAIC to hang up (or declined): waiting for it
+    ENDED = "ended"             # nothing more happens
+
+
+class Upstream(enum.Enum):
+    IDLE = "idle"               # not dialled yet
+    DIALLING = "dialling"
+    CONFIGURING = "configuring"  # socket open, session.update sent: audio flows
+    READY = "ready"             # session.created and session.updated received
+    LOST = "lost"               # the socket is gone (or closed by us)
+
+
+class PlayState(enum.Enum):
+    IDLE = "idle"               # no play stream open at VAIC
+    PLAYING = "playing"         # a stream is open, audio for it may be pending
+    STOPPING = "stopping"       # its audio is all sent; the stop waits for the clock
+
+
+# (state, event) -> next state. Anything else is an IllegalTransition.
+PHASE_TRANSITIONS: dict[tuple[Phase, str], Phase] = {
+    (Phase.INITIATING, "accept"): Phase.ACTIVE,
+    (Phase.INITIATING, "decline"): Phase.ENDING,
+    (Phase.INITIATING, "vaic_lost"): Phase.ENDED,
+    (Phase.INITIATING, "timeout"): Phase.ENDED,
+    (Phase.ACTIVE, "hangup"): Phase.ENDING,
+    (Phase.ACTIVE, "session_end"): Phase.ENDED,
+    (Phase.ACTIVE, "vaic_lost"): Phase.ENDED,
+    (Phase.ENDING, "session_end"): Phase.ENDED,
+    (Phase.ENDING, "vaic_lost"): Phase.ENDED,
+    (Phase.ENDING, "timeout"): Phase.ENDED,
+}
+UPSTREAM_TRANSITIONS: dict[tuple[Upstream, str], Upstream] = {
+    (Upstream.IDLE, "dial"): Upstream.DIALLING,
+    (Upstream.LOST, "dial"): Upstream.DIALLING,       # a new socket for the same call
+    (Upstream.DIALLING, "connected"): Upstream.CONFIGURING,
+    (Upstream.DIALLING, "failed"): Upstream.LOST,
+    (Upstream.CONFIGURING, "session_ready"): Upstream.READY,
+    (Upstream.CONFIGURING, "lost"): Upstream.LOST,
+    (Upstream.READY, "lost"): Upstream.LOST,
+    (Upstream.DIALLING, "lost"): Upstream.LOST,       # the call ended while dialling
+}
+
+
+class IllegalTransition(RuntimeError):
+    """An event the state tables do not allow: a bug, ends the call as internal_error."""
+
+
+class CallCounters(msgspec.Struct):
+    frames_up: int = 0            # userStream.chunk received from VAIC
+    frames_down: int = 0          # playStream.chunk sent to VAIC
+    deltas: int = 0               # response.output_audio.delta received from OpenAI
+    early_buffered: int = 0       # caller frames held until the OpenAI session was ready
+    early_dropped: int = 0        # ... dropped because that buffer was full
+    late_deltas_dropped: int = 0  # deltas of a response cancelled by barge-in
+    playout_refused: int = 0      # chunks refused by the full playout queue
+    barge_ins: int = 0
+    truncates: int = 0
+    openai_errors: int = 0
+    bad_frames_in: int = 0
+    play_streams: int = 0
+
+
+# VAIC socket ended, by EndpointClosed.cause (None: VAIC closed it) -> call.end reason
+VAIC_END_REASONS = {None: "vaic_closed", "closed": "vaic_closed",
+                    "frame_too_big": "vaic_frame_too_big", "protocol_error": "vaic_protocol_error",
+                    "keepalive_timeout": "vaic_keepalive_timeout", "shutdown": "server_shutdown",
+                    "send_buffer_full": "vaic_not_reading", "send_timeout": "vaic_not_reading"}
+
+# what openai_frame() reports to the shell (for the forward-latency histogram)
+FORWARDED = 1      # a delta whose audio all went to VAIC at once
+
+
+class CallSession:
+    """One call's logic. See the module docstring for the contract."""
+
+    def __init__(self, cfg: Config, secrets: Secrets, stats: Stats, now_ns: int,
+                 call_id: str = "") -> None:
+        self.cfg = cfg
+        self.secrets = secrets
+        self.stats = stats
+        self.call_id = call_id
+        self.to_vaic: list[str] = []
+        self.to_openai: list[str] = []
+        self.effects: list[Effect] = []
+        self.marks: list[tuple[Histogram, int]] = []
+        self.proto = ac.AcProtocol(self.to_vaic)
+        self.counters = CallCounters()
+        self.phase = Phase.INITIATING
+        self.upstream = Upstream.IDLE
+        self.started_ns = now_ns
+        self.end_reason = ""
+        self.end_detail = ""
+        self.format = ""
+        self.caller = ""
+        self.callee = ""
+        self.last_truncate: tuple[str, int] | None = None
+        self.openai_connect_ms: float | None = None
+        self.active_response: str | None = None
+        self.cancelled: set[str] = set()
+        self.playout = Playout(cfg.audio.playout_lead_ms, cfg.audio.max_pending_audio_ms,
+                               cfg.audio.vaic_stop_policy, cfg.audio.stop_margin_ms)
+        self._neg: Negotiated | None = None
+        self._tc: Transcoder | None = None
+        self._app_prefix, self._app_suffix = rt.append_template()
+        self._early: deque[str] = deque()
+        self._early_ms = 0.0
+        self._start_seen = False
+        self._greeted = False
+        self._session_seen = 0          # bits: 1 session.created, 2 session.updated
+        self._logged = OnceKeys()
+        self._item_oai_ms: dict[str, float] = {}
+        self._last_pushed_item = ""
+        self._piece_chars = 0
+        self._max_frame_chars = 0
+        self._wav_header_ms = 0.0
+        self._last_response = ""
+        self._t_speech_stop_ns = 0
+        self._t_first_delta_ns = 0
+        self._t_dial_ns = 0
+        self._last_audio_ns = now_ns
+        # deadlines (ns; 0 = none)
+        self._initiate_deadline = now_ns + int(cfg.call.initiate_timeout_s * NS)
+        self._greet_deadline = 0
+        self._session_deadline = 0
+        self._close_deadline = 0       # ENDING: give VAIC this long, then close it ourselves
+        self.vaic_gone = False         # between vaic_detached and vaic_attached
+
+    # ================================================================== small helpers
+    def _log(self, level: str, event: str, **fields: Any) -> None:
+        self.effects.append(Log(level, event, fields))
+
+    def _log_once(self, key: str, event: str, **kw: Any) -> None:
+        if self._logged.hit(key) == 1:
+            self._log("info", event, **kw)
+
+    def _log_first_n(self, key: str, event: str, level: str = "warning", **kw: Any) -> None:
+        """The first `_LOG_FIRST_N` occurrences per key and call (bad input can repeat per frame);
+        the keys are bounded (`bounds.OnceKeys`)."""
+        n = self._logged.hit(key)
+        if 0 < n <= _LOG_FIRST_N:
+            self._log(level, event, nth=n, **kw)
+
+    def _set_end(self, reason: str, detail: str = "") -> None:
+        if not self.end_reason:
+            self.end_reason, self.end_detail = reason, detail
+
+    def _go(self, event: str) -> None:
+        nxt = PHASE_TRANSITIONS.get((self.phase, event))
+        if nxt is None:
+            raise IllegalTransition(f"call phase {self.phase.value} has no '{event}'")
+        self.phase = nxt
+
+    def _up(self, event: str) -> None:
+        nxt = UPSTREAM_TRANSITIONS.get((self.upstream, event))
+        if nxt is None:
+            raise IllegalTransition(f"upstream {self.upstream.value} has no '{event}'")
+        self.upstream = nxt
+
+    @property
+    def up_ready(self) -> bool:
+        """Audio may go to OpenAI: the socket is open and session.update was sent."""
+        return self.upstream is Upstream.CONFIGURING or self.upstream is Upstream.READY
+
+    def playout_state(self) -> PlayState:
+        po = self.playout
+        if po.open_item is None:
+            return PlayState.IDLE
+        if any(e.kind == CHUNK and e.item_id == po.open_item for e in po.pending):
+            return PlayState.PLAYING
+        return PlayState.STOPPING if po.play_end_t > 0 else PlayState.PLAYING
+
+    def abandon(self, reason: str, detail: str) -> None:
+        """The shell stops without the call having ended (a bug in the shell): end it now."""
+        if self.phase is not Phase.ENDED:
+            self._set_end(reason, detail)
+            self.phase = Phase.ENDED      # the escape hatch; not a table transition
+            self._end_now()
+
+    def internal_error(self, e: Exception, now_ns: int) -> None:
+        """A bug (in the shell or here): log it, hang up with a reason, end the call."""
+        self._internal_error(e, now_ns)
+
+    def _internal_error(self, e: Exception, now_ns: int) -> None:
+        self._log("error", "call.internal_error", error_type=type(e).__name__, error=clip(str(e)))
+        if self.phase is Phase.ENDED:
+            return
+        self._set_end("internal_error", clip(f"{type(e).__name__}: {e}"))
+        try:
+            self._hang_up("internal_error", self.end_detail, now_ns)
+        except Exception:      # the state itself is broken: just stop
+            self.phase = Phase.ENDED
+            self._finish()
+        if self.phase is Phase.INITIATING:
+            self.phase = Phase.ENDED
+            self._finish()
+
+    # ================================================================== VAIC side
+    def vaic_frame(self, frame: str | bytes, now_ns: int) -> str | None:
+        """One frame from VAIC. Returns the OpenAI frame of a caller chunk to send at once (the
+        hot path); everything else goes to `to_vaic` / `to_openai` / `effects`."""
+        try:
+            ev = self.proto.receive(frame)
+            if type(ev) is ac.UserStreamChunk:
+                return self._caller_audio(ev.audioChunk, now_ns)
+            self._vaic_control(ev, now_ns)
+        except Exception as e:   # a bug must end the call cleanly, never hang it
+            self._internal_error(e, now_ns)
+        return None
+
+    def _caller_audio(self, payload: str, now_ns: int) -> str | None:
+        c = self.counters
+        c.frames_up += 1
+        if not is_b64(payload):  # never into the JSON template: no injection upstream
+            return self._bad_audio("audioChunk is not base64")
+        if len(payload) > self._max_frame_chars:  # bounded decoding cost per frame
+            return self._bad_audio(f"audioChunk longer than audio.max_frame_ms "
+                                   f"({self.cfg.audio.max_frame_ms} ms)")
+        self._last_audio_ns = now_ns
+        tc = self._tc
+        if tc is not None:
+            try:
+                payload = tc.up(payload)
+            except ValueError as e:  # binascii.Error: not decodable
+                return self._bad_audio(clip(f"audioChunk does not decode: {e}", 120))
+            if not payload:
+                return None
+        if self.up_ready:
+            st = self.stats
+            st.frames_up += 1
+            st.bytes_up += len(payload)
+            return self._app_prefix + payload + self._app_suffix
+        self._buffer_early(payload)
+        return None
+
+    def _bad_audio(self, reason: str) -> None:
+        self.counters.bad_frames_in += 1
+        self._log_first_n("bad_audio", "call.bad_audio_chunk", reason=reason)
+        return None
+
+    def _buffer_early(self, payload: str) -> None:
+        assert self._neg is not None
+        bpm = self._neg.openai_bytes_per_ms
+        self._early.append(payload)
+        self._early_ms += ms_of_b64(payload, bpm)
+        self.counters.early_buffered += 1
+        while self._early_ms > self.cfg.audio.early_audio_max_ms and len(self._early) > 1:
+            self._early_ms -= ms_of_b64(self._early.popleft(), bpm)
+            self.counters.early_dropped += 1
+
+    def _vaic_control(self, ev: Any, now_ns: int) -> None:
+        t = type(ev)
+        if t is ac.SessionInitiate:
+            self._begin(ev, now_ns)
+        elif t is ac.Validate:   # answered by the protocol; a socket for it carries no call
+            if self.phase is Phase.INITIATING:
+                self._set_end("validate", "connection.validate answered")
+                self._log("info", "call.validate")
+        elif t is ac.Rejected:
+            self._set_end("rejected", ev.reason)
+            self.stats.calls_rejected += 1
+            self._log("warning", "call.rejected", reason=clip(ev.reason))
+            self._decline_close(now_ns)
+        elif t is ac.SessionEnd:
+            self._set_end("vaic_session_end", f"{clip(ev.reasonCode, ID_CHARS)} {clip(ev.reason)}".strip())
+            self._log("info", "call.session_end", reason_code=clip(ev.reasonCode, ID_CHARS),
+                      reason=clip(ev.reason))
+            self._go("session_end")
+            self._end_now()
+        elif t is ac.Activities:
+            for act in ev.activities:
+                self._activity(act, now_ns)
+        elif t is ac.UserStreamStop:
+            if self._tc is not None and self.up_ready:
+                tail = self._tc.flush_up()  # the resampler's tail of the caller's last words
+                if tail:
+                    self.to_openai.append(self._app_prefix + tail + self._app_suffix)
+        elif t is ac.UserStreamStart:
+            pass
+        elif t is ac.UnknownMessage:
+            self._log_once(f"unknown:{ev.type}", "call.unknown_message", type=clip(ev.type, ID_CHARS))
+        elif t is ac.Malformed:
+            self.counters.bad_frames_in += 1
+            self._log_first_n("malformed", "call.malformed_frame", reason=ev.reason)
+        elif t is ac.Ignored:
+            if ev.type != "userStream.chunk":  # audio while ending: expected
+                self._log_first_n("ignored", "call.message_ignored", type=clip(ev.type, ID_CHARS),
+                                  reason=clip(ev.reason))
+
+    def _begin(self, init: ac.SessionInitiate, now_ns: int) -> None:
+        self.call_id = self.call_id or clip(init.conversationId, ID_CHARS)
+        self.caller = clip(init.caller, ID_CHARS)
+        offered = init.supportedMediaFormats
+        if not init.expectAudioMessages:
+            return self._decline("expectAudioMessages is false: this bot answers with audio "
+                                 "(enable directTTS on the bot in VoiceAI Connect)", offered, now_ns)
+        try:
+            neg = negotiate(offered, self.cfg.audio.format_preference)
+        except NoCommonFormat as e:
+            return self._decline(str(e), offered, now_ns)
+        a = self.cfg.audio
+        self._neg = neg
+        self._tc = make_transcoder(neg)
+        self.format = neg.ac.name
+        self._piece_chars = piece_chars(a.max_chunk_ms, neg.ac.bytes_per_ms)
+        self._max_frame_chars = (a.max_frame_ms * neg.ac.bytes_per_ms + 2) // 3 * 4
+        if neg.ac.container == "wav" and WAV_HEADER_ON_PLAY_START:
+            self._wav_header_ms = len(wav_header(neg.ac)) / neg.ac.bytes_per_ms
+        # Dial OpenAI at once, in parallel with answering VAIC.
+        self._dial(now_ns)
+        self.proto.accept(neg.ac.name)
+        self._go("accept")
+        self._last_audio_ns = now_ns
+        self.marks.append((self.stats.call_setup, now_ns))   # initiate -> accepted sent
+        self.stats.calls_total += 1
+        self._log("info", "call.start", conversation_id=self.call_id, caller=self.caller,
+                  bot=clip(init.botName, ID_CHARS), offered=clip_list(offered), format=neg.ac.name,
+                  openai_format=neg.openai_format["type"], passthrough=neg.passthrough)
+        return None
+
+    def _decline(self, reason: str, offered: list[str], now_ns: int) -> None:
+        self.stats.calls_rejected += 1
+        self.proto.reject(clip(reason))
+        self._set_end("declined", reason)
+        self._log("warning", "call.declined", reason=clip(reason), offered=clip_list(offered))
+        self._decline_close(now_ns)
+
+    def _decline_close(self, now_ns: int) -> None:
+        """After session.error VAIC disconnects; give it a moment, then close ourselves."""
+        if self.phase is Phase.INITIATING:
+            self._go("decline")
+        self._close_deadline = now_ns + _DECLINE_CLOSE_NS
+
+    def _activity(self, act: ac.Activity, now_ns: int) -> None:
+        name = clip(act.name, ID_CHARS).lower()
+        if name == "start":
+            params = act.parameters or {}
+            self.callee = clip(params.get("callee"), ID_CHARS)
+            self.caller = clip(params.get("caller"), ID_CHARS) or self.caller
+            self._start_seen = True
+            self._log("info", "call.start_activity", callee=self.callee, caller=self.caller)
+            if self.up_ready:
+                self._after_start()
+        elif name in ("playfinished", "dtmf", "nouserinput"):
+            self._log("debug", "call.activity", name=name, value=clip(act.value))
+        else:
+            self._log_once(f"activity:{name}", "call.activity_ignored", name=name)
+
+    def vaic_lost(self, code: int | None, cause: str | None, now_ns: int) -> None:
+        """The VAIC socket ended (the call ends; resume is the faults issue's business)."""
+        if self.phase is Phase.ENDED:
+            return
+        self._set_end(VAIC_END_REASONS.get(cause, "vaic_closed"), f"code={code}")
+        self._go("vaic_lost")
+        self._end_now()
+
+    def vaic_detached(self, now_ns: int) -> None:
+        """The VAIC socket is gone but the call is kept (a new one will be attached): the prompt
+        that was playing is truncated at what was heard, pending audio dropped; nothing is
+        produced for VAIC until `vaic_attached`."""
+        self.vaic_gone = True
+        self._interrupt(now_ns, speech=False)
+        self.to_vaic.clear()       # no socket to send them on; the stream is over
+
+    def vaic_attached(self, now_ns: int) -> None:
+        """A new VAIC socket carries this call: playout starts afresh with the next item."""
+        self.vaic_gone = False
+        self._last_audio_ns = now_ns
+
+    # ================================================================== OpenAI side
+    def _dial(self, now_ns: int) -> None:
+        self._up("dial")
+        self._t_dial_ns = now_ns
+        url, headers = rt.target(self.cfg.openai, self.secrets)
+        self.effects.append(Dial(url, headers))
+
+    def openai_swap(self, now_ns: int) -> None:
+        """The shell replaces the OpenAI socket with one it already holds: the old one counts
+        as lost (without ending the call), the new one as dialled; `openai_connected` follows."""
+        if self.upstream is not Upstream.LOST:
+            self._up("lost")
+        self._up("dial")
+        self._t_dial_ns = now_ns
+
+    def openai_connect_failed(self, reason: str, now_ns: int) -> None:
+        if self.upstream is Upstream.DIALLING:
+            self._up("failed")
+        self._fail("openai_connect_failed", reason, now_ns)
+
+    def openai_connected(self, now_ns: int) -> None:
+        """The OpenAI socket is open: configure it and flush what the caller said meanwhile."""
+        try:
+            self._up("connected")
+            connect_us = (now_ns - self._t_dial_ns) // 1000
+            self.stats.openai_connect.record(connect_us)
+            self.openai_connect_ms = round(connect_us / 1000, 1)
+            self._session_seen = 0
+            self._session_deadline = now_ns + int(self.cfg.openai.session_timeout_s * NS)
+            neg = self._neg
+            assert neg is not None
+            out = self.to_openai
+            out.append(rt.session_update(self.cfg.openai, neg.openai_format, neg.openai_format,
+                                         self._instructions()))
+            prefix, suffix = self._app_prefix, self._app_suffix
+            st = self.stats
+            while self._early:  # forwarded in order, not timed: they waited for the connect
+                payload = self._early.popleft()
+                out.append(prefix + payload + suffix)
+                st.frames_up += 1
+                st.bytes_up += len(payload)
+            self._early_ms = 0.0
+            self._log("info", "call.upstream_ready", connect_ms=self.openai_connect_ms,
+                      early_frames=self.counters.early_buffered)
+            if self._start_seen:
+                self._after_start()
+            elif self.cfg.openai.greeting and not self._greeted:
+                self._greet_deadline = now_ns + self.cfg.call.start_wait_ms * 1_000_000
+        except Exception as e:
+            self._internal_error(e, now_ns)
+
+    def openai_lost(self, code: int | None, cause: str | None, reason: str, now_ns: int) -> None:
+        """The OpenAI socket ended (or failed to send): without it the call cannot go on."""
+        if self.upstream in (Upstream.CONFIGURING, Upstream.READY, Upstream.DIALLING):
+            self._up("lost")
+        if self.phase is not Phase.ACTIVE:
+            return
+        how = f" ({cause.replace('_', ' ')})" if cause else ""
+        self._fail("openai_closed", f"code={code}{how} reason={clip(reason, ID_CHARS)}", now_ns)
+
+    def _instructions(self) -> str:
+        text = self.cfg.openai.instructions
+        return text.replace("{caller}", self.caller).replace("{callee}", self.callee)
+
+    def _after_start(self) -> None:
+        o = self.cfg.openai
+        if "{callee}" in o.instructions or "{caller}" in o.instructions:
+            self.to_openai.append(rt.instructions_update(self._instructions()))
+        self._greet()
+
+    def _greet(self) -> None:
+        self._greet_deadline = 0
+        if self._greeted or not self.cfg.openai.greeting or not self.up_ready:
+            return
+        self._greeted = True
+        if self.active_response is not None:   # the caller spoke first and is being answered
+            return
+        self.to_openai.append(rt.response_create(self.cfg.openai.greeting))
+
+    def openai_frame(self, frame: str | bytes, now_ns: int) -> int:
+        """One frame from OpenAI. Returns FORWARDED for a delta whose audio all went to VAIC
+        at once (the shell then records the down forward latency), else 0."""
+        try:
+            ev = rt.decode_server(frame)
+            if type(ev) is rt.AudioDelta:
+                if ev.response_id != self._last_response:
+                    self._first_delta_of_response(ev.response_id, now_ns)
+                if self._on_delta(ev):
+                    self._pump(now_ns, False)
+                    if not self.playout.pending:
+                        return FORWARDED
+                return 0
+            self._openai_event(ev, now_ns)
+        except Exception as e:
+            self._internal_error(e, now_ns)
+        return 0
+
+    def _first_delta_of_response(self, response_id: str, now_ns: int) -> None:
+        self._last_response = response_id
+        self._t_first_delta_ns = now_ns
+        if self._t_speech_stop_ns:
+            self.stats.model_ttfa.record((now_ns - self._t_speech_stop_ns) // 1000)
+            self._t_speech_stop_ns = 0
+
+    def _on_delta(self, ev: rt.AudioDelta) -> bool:
+        """Queue one delta's audio for playout; False when nothing was queued (dropped)."""
+        c = self.counters
+        c.deltas += 1
+        if ev.response_id in self.cancelled or self.phase is not Phase.ACTIVE:
+            c.late_deltas_dropped += 1
+            return False
+        neg = self._neg
+        assert neg is not None
+        if not is_b64(ev.delta):  # never into the chunk template: no injection towards VAIC
+            self._log_first_n("oai_bad_audio", "call.openai_bad_audio", reason="delta is not base64")
+            return False
+        if ms_of_b64(ev.delta, neg.openai_bytes_per_ms) > self.cfg.audio.max_delta_ms:
+            self._log_first_n("oai_bad_audio", "call.openai_bad_audio",
+                              reason=f"delta longer than audio.max_delta_ms ({self.cfg.audio.max_delta_ms} ms)")
+            return False
+        item = clip(ev.item_id, ID_CHARS)
+        if item not in self._item_oai_ms and len(self._item_oai_ms) >= 8:
+            self._item_oai_ms.clear()  # bounded: only the last few items can still be truncated
+        self._item_oai_ms[item] = self._item_oai_ms.get(item, 0.0) + ms_of_b64(
+            ev.delta, neg.openai_bytes_per_ms)
+        first = item != self._last_pushed_item
+        self._last_pushed_item = item
+        payload = ev.delta
+        if self._tc is not None:
+            try:
+                payload = self._tc.down(payload, first_of_stream=first)
+            except ValueError as e:
+                self._log_first_n("oai_bad_audio", "call.openai_bad_audio", reason=clip(str(e), 120))
+                return False
+        return self._push_audio(item, payload, first)
+
+    def _push_audio(self, item: str, payload: str, first: bool) -> bool:
+        """Queue AudioCodes-format audio for playout, in pieces of at most `max_chunk_ms`."""
+        if not payload:
+            return False
+        neg = self._neg
+        assert neg is not None
+        bpm = neg.ac.bytes_per_ms
+        header_ms = self._wav_header_ms if first else 0.0
+        for piece in split_b64(payload, self._piece_chars):
+            if not self.playout.push_chunk(item, piece, ms_of_b64(piece, bpm) - header_ms):
+                self.counters.playout_refused += 1
+            header_ms = 0.0
+        return True
+
+    def _openai_event(self, ev: Any, now_ns: int) -> None:
+        t = type(ev)
+        if t is rt.SpeechStartedEv:
+            self._barge_in(now_ns)
+        elif t is rt.AudioDone:
+            if ev.response_id not in self.cancelled and self.phase is Phase.ACTIVE:
+                item = clip(ev.item_id, ID_CHARS)
+                if self._tc is not None:  # the resampler's tail belongs to this item
+                    self._push_audio(item, self._tc.flush_down(), False)
+                self.playout.push_end(item)
+                self._pump(now_ns, False)
+        elif t is rt.ResponseCreated:
+            self.active_response = clip(ev.response.id, ID_CHARS)
+        elif t is rt.ResponseDone:
+            rid = clip(ev.response.id, ID_CHARS)
+            if rid == self.active_response:
+                self.active_response = None
+            self.cancelled.discard(rid)
+            if ev.response.status == "failed":
+                self._log("warning", "call.response_failed", response_id=rid,
+                          details=clip(ev.response.status_details))
+        elif t is rt.SpeechStoppedEv:
+            self._t_speech_stop_ns = now_ns
+            if self.phase is Phase.ACTIVE:
+                self.proto.speech_stopped()
+        elif t is rt.Committed:
+            if self.phase is Phase.ACTIVE:
+                self.proto.speech_committed()
+        elif t is rt.InputTranscriptCompleted:
+            if ev.transcript and self.phase is Phase.ACTIVE:
+                self.proto.recognition(clip(ev.transcript, 2000))
+        elif t is rt.ErrorEvent:
+            self._on_error(ev.error, now_ns)
+        elif t is rt.SessionCreated:
+            self._session_event(1)
+        elif t is rt.SessionUpdated:
+            self._session_event(2)
+            self._check_session(ev.session, now_ns)
+        elif t is rt.Truncated:
+            self._log("debug", "call.truncated", item_id=clip(ev.item_id, ID_CHARS),
+                      audio_end_ms=ev.audio_end_ms)
+        elif t is rt.TranscriptDone:
+            self._log("debug", "call.assistant_said", item_id=clip(ev.item_id, ID_CHARS),
+                      transcript=clip(ev.transcript))
+        elif t is rt.OtherEvent:
+            self._log_once(f"oai:{clip(ev.type, ID_CHARS)}", "call.openai_unknown_event",
+                           type=clip(ev.type, ID_CHARS))
+        elif t is rt.BadEvent:
+            self._log_first_n("oai_bad", "call.openai_bad_frame", reason=ev.reason)
+
+    def _session_event(self, bit: int) -> None:
+        self._session_seen |= bit
+        if self._session_seen == 3 and self.upstream is Upstream.CONFIGURING:
+            self._up("session_ready")
+            self._session_deadline = 0
+
+    def _on_error(self, err: rt.ErrorDetail, now_ns: int) -> None:
+        self.counters.openai_errors += 1
+        code = clip(err.code or "none", ID_CHARS)
+        errors = self.stats.errors
+        if code in errors or len(errors) < 64:  # a bounded label set
+            errors[code] = errors.get(code, 0) + 1
+        else:
+            errors["other"] = errors.get("other", 0) + 1
+        kind = rt.classify_error(err.code)
+        fields = dict(code=code, error_type=clip(err.type, ID_CHARS), message=clip(err.message),
+                      param=clip(err.param, ID_CHARS), client_event_id=clip(err.event_id, ID_CHARS))
+        if kind == "fatal":
+            self._log("error", "call.openai_error_fatal", **fields)
+            self._fail("openai_error", f"{code}: {clip(err.message, 120)}", now_ns)
+        elif kind == "benign":
+            self._log_first_n(f"oai_err:{code}", "call.openai_error_benign", "info", **fields)
+        else:
+            self._log_first_n(f"oai_err:{code}", "call.openai_error", **fields)
+
+    def _check_session(self, session: dict[str, Any], now_ns: int) -> None:
+        """Refuse to play audio in a format other than the one negotiated (garbage in the ear)."""
+        assert self._neg is not None
+        want = self._neg.openai_format.get("type")
+        try:
+            got = session["audio"]["output"]["format"]["type"]
+        except (KeyError, TypeError):
+            return
+        if got != want:
+            self._fail("openai_format_mismatch", f"asked for {want}, session says {clip(got, ID_CHARS)}",
+                       now_ns)
+
+    # ================================================================== barge-in
+    def _barge_in(self, now_ns: int) -> None:
+        """Caller started speaking: stop playout at once, truncate to what was heard."""
+        if self.phase is not Phase.ACTIVE:
+            return
+        self.proto.speech_started()
+        if self.active_response is not None:
+            self.cancelled.add(self.active_response)
+            if not self.cfg.openai.vad.interrupt_response and self.up_ready:
+                self.to_openai.append(rt.response_cancel())
+        self._interrupt(now_ns, speech=True)
+
+    def _interrupt(self, now_ns: int, speech: bool) -> None:
+        """Stop what plays, drop what is pending, truncate the item to what was heard."""
+        intr = self.playout.interrupt(now_ns / NS)
+        if self._tc is not None:
+            self._tc.reset_down()
+        self._last_pushed_item = ""
+        if self.proto.stop_play() and speech:
+            self.marks.append((self.stats.barge_in, now_ns))
+        if intr.item_id is None or not intr.still_playing:
+            return
+        self.counters.barge_ins += 1
+        oai_ms = self._item_oai_ms.get(intr.item_id, 0.0)
+        end_ms = int(math.floor(max(0.0, min(intr.heard_ms, intr.sent_ms if intr.stream_open
+                                                 else 0.0, oai_ms))))
+        if self.up_ready:
+            self.to_openai.append(rt.truncate(intr.item_id, end_ms))
+            self.counters.truncates += 1
+            self.last_truncate = (intr.item_id, end_ms)
+        self._item_oai_ms.clear()
+        self._log("info", "call.barge_in", item_id=intr.item_id, heard_ms=round(intr.heard_ms, 1),
+                  sent_ms=round(intr.sent_ms, 1), truncate_ms=end_ms)
+
+    # ================================================================== pacing
+    def _pump(self, now_ns: int, paced: bool) -> None:
+        """Send every due playout entry (the rest waits for `next_deadline_ns`)."""
+        po = self.playout
+        now = now_ns / NS
+        pacer_late = self.stats.pacer_late
+        while self.phase is Phase.ACTIVE and not self.vaic_gone:
+            due = po.due(now)
+            if due is None or due > now:
+                break
+            if paced and po.pending[0].kind == CHUNK:  # audio only, not the delayed stops
+                pacer_late.record(int((now - due) * 1_000_000))
+            self._emit(po.take(now), now_ns)
+
+    def _emit(self, tk: Taken, now_ns: int) -> None:
+        proto = self.proto
+        if tk.stop_first:
+            proto.stop_play()
+        if tk.entry.kind != CHUNK:
+            return
+        if tk.start:
+            proto.start_play()
+            self.counters.play_streams += 1
+        payload = tk.entry.payload
+        proto.play_chunk(payload)
+        self.counters.frames_down += 1
+        st = self.stats
+        st.frames_down += 1
+        st.bytes_down += len(payload)
+        if self._t_first_delta_ns:
+            self.marks.append((st.turn_overhead, self._t_first_delta_ns))
+            self._t_first_delta_ns = 0
+
+    # ================================================================== time
+    def next_deadline_ns(self) -> int | None:
+        """When `timer` must run next (monotonic ns), or None."""
+        best = 0
+        for d in (self._initiate_deadline if self.phase is Phase.INITIATING else 0,
+                  self._greet_deadline, self._session_deadline, self._close_deadline,
+                  self._idle_deadline()):
+            if d and (not best or d < best):
+                best = d
+        if self.phase is Phase.ACTIVE and self.playout.pending:
+            due = self.playout.due(0.0)  # an absolute time unless the head needs no clock
+            if due is not None:
+                d = int(due * NS) if due > 0.0 else self.started_ns
+                if not best or d < best:
+                    best = d
+        return best or None
+
+    def _idle_deadline(self) -> int:
+        if self.phase is not Phase.ACTIVE:
+            return 0
+        quiet_from = max(self._last_audio_ns, int(self.playout.play_end_t * NS))
+        return quiet_from + int(self.cfg.call.idle_timeout_s * NS)
+
+    def timer(self, now_ns: int) -> None:
+        """Whatever is due at `now_ns`: paced audio, delayed stops, timeouts."""
+        try:
+            self._timer(now_ns)
+        except Exception as e:
+            self._internal_error(e, now_ns)
+
+    def _timer(self, now_ns: int) -> None:
+        if self.phase is Phase.INITIATING:
+            if now_ns >= self._initiate_deadline:
+                wait_s = self.cfg.call.initiate_timeout_s
+                self._set_end("no_initiate", f"no session.initiate within {wait_s:g} s")
+                self._go("timeout")
+                self._end_now()
+            return
+        if self.phase is Phase.ENDING:
+            if self._close_deadline and now_ns >= self._close_deadline:
+                self._close_deadline = 0
+                self._go("timeout")
+                self._end_now()
+            return
+        if self.phase is not Phase.ACTIVE:
+            return
+        self._pump(now_ns, True)
+        if self._greet_deadline and now_ns >= self._greet_deadline:
+            self._greet()
+        if self._session_deadline and now_ns >= self._session_deadline:
+            self._session_deadline = 0
+            if self._session_seen != 3:
+                missing = " and ".join(n for bit, n in ((1, "session.created"), (2, "session.updated"))
+                                       if not self._session_seen & bit)
+                self._fail("openai_no_session",
+                           f"no {missing} within {self.cfg.openai.session_timeout_s:g} s", now_ns)
+                return
+        idle = self._idle_deadline()
+        if idle and now_ns >= idle and not self.playout.pending:
+            idle_s = self.cfg.call.idle_timeout_s
+            self._fail("idle_timeout", f"no audio either way for {idle_s:g} s", now_ns,
+                       "call.idle_timeout")
+
+    # ================================================================== ending
+    def _fail(self, reason: str, detail: str, now_ns: int, event: str = "call.upstream_failed") -> None:
+        """The call cannot go on: never leave the caller in dead air. Hang up (with a reason);
+        close the OpenAI socket at once (useless now, and billed)."""
+        if self.phase is not Phase.ACTIVE:
+            if self.phase is Phase.INITIATING:   # e.g. a dial failing before accept: cannot be
+                self._set_end(reason, detail)
+            return
+        self._set_end(reason, detail)
+        self._log("warning", event, reason=reason, detail=clip(detail))
+        self._hang_up(reason, detail, now_ns)
+
+    def _hang_up(self, reason: str, detail: str, now_ns: int) -> None:
+        if self.phase is Phase.ACTIVE:
+            self.playout.interrupt(now_ns / NS)
+            self.proto.request_hangup(clip(f"{reason}: {detail}"))
+            self._go("hangup")
+            self._close_deadline = now_ns + int(self.cfg.call.hangup_grace_s * NS)
+        self._close_openai()
+
+    def _close_openai(self) -> None:
+        if self.upstream in (Upstream.CONFIGURING, Upstream.READY, Upstream.DIALLING):
+            self._up("lost")
+            self.effects.append(CloseOpenAI(1000, "call ended"))
+
+    def _end_now(self) -> None:
+        """phase is ENDED: close both sides, write call.end, tell the shell to stop."""
+        self._close_openai()
+        self._finish()
+
+    def _finish(self) -> None:
+        c = self.counters
+        st = self.stats
+        reason = self.end_reason or "unknown"
+        st.count_call_end(reason)
+        st.truncates += c.truncates
+        st.barge_ins += c.barge_ins
+        st.late_deltas_dropped += c.late_deltas_dropped
+        st.early_audio_dropped += c.early_dropped
+        self.effects.append(CloseVaic(1000, "call ended"))
+        self.effects.append(Finished(reason))
+
+    def end_fields(self, now_ns: int) -> dict[str, Any]:
+        """The fields of the `call.end` log line."""
+        c = self.counters
+        return dict(reason=self.end_reason or "unknown", detail=clip(self.end_detail),
+                    duration_s=round((now_ns - self.started_ns) / NS, 3), format=self.format,
+                    frames_up=c.frames_up, frames_down=c.frames_down, deltas=c.deltas,
+                    barge_ins=c.barge_ins, truncates=c.truncates,
+                    late_deltas_dropped=c.late_deltas_dropped, early_buffered=c.early_buffered,
+                    early_dropped=c.early_dropped, playout_refused=c.playout_refused,
+                    openai_errors=c.openai_errors, bad_frames_in=c.bad_frames_in,
+                    openai_connect_ms=self.openai_connect_ms)
