@@ -3,7 +3,7 @@
 :class:`_Conn` owns one accepted WebSocket: the reader loop, dispatch and validation of client
 events, ``session.update``, the input audio buffer with its energy VAD, conversation items, the
 session time limit and the close. Responses come from :class:`_ResponseMixin`
-(:mod:`voicebridge.sim.fake_openai_responses`).
+(:mod:`voicebridge.sim.fake_openai.responses`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from voicebridge.sim.fake_openai_audio import _EnergyVad, bytes_per_ms
-from voicebridge.sim.fake_openai_records import FakeSession, _Item, _new_id
-from voicebridge.sim.fake_openai_responses import _ResponseMixin, _Run
-from voicebridge.sim.fake_openai_validate import (
+from voicebridge.sim.fake_openai.audio import _EnergyVad, bytes_per_ms
+from voicebridge.sim.fake_openai.records import FakeSession, _Item, _new_id
+from voicebridge.sim.fake_openai.responses import _ResponseMixin, _Run
+from voicebridge.sim.fake_openai.validate import (
     _CLIENT_EVENT_KEYS,
     _ENVELOPE_KEYS,
     _ClientError,

@@ -25,10 +25,9 @@ Contracts
 Choices where the spec is silent are marked ``[fake]`` in comments and docstrings.
 
 Layout: this module holds the server and the CLI and re-exports the public names of
-``fake_openai_records`` (config and records), ``fake_openai_audio`` (codecs, tone, energy VAD)
-and ``fake_openai_validate`` (``session.update`` and client-event validation). The
-per-connection handler is ``fake_openai_connection._Conn``, whose response half is
-``fake_openai_responses._ResponseMixin``.
+``records`` (config and records), ``audio`` (codecs, tone, energy VAD) and ``validate``
+(``session.update`` and client-event validation). The per-connection handler is
+``connection._Conn``, whose response half is ``responses._ResponseMixin``.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from voicebridge.sim.fake_openai_audio import (
+from voicebridge.sim.fake_openai.audio import (
     _aligned_freq,
     _EnergyVad,  # noqa: F401  not in __all__; tests/test_fake_openai.py imports it from here
     bytes_per_ms,
@@ -57,9 +56,9 @@ from voicebridge.sim.fake_openai_audio import (
     make_tone,
     sample_rate,
 )
-from voicebridge.sim.fake_openai_connection import BETA_CLOSE_REASON, CLOSE_TIMEOUT_S, _Conn, _json_encode
-from voicebridge.sim.fake_openai_records import FakeOpenAIConfig, FakeResponse, FakeSession, _new_id
-from voicebridge.sim.fake_openai_validate import apply_session_update, default_session
+from voicebridge.sim.fake_openai.connection import BETA_CLOSE_REASON, CLOSE_TIMEOUT_S, _Conn, _json_encode
+from voicebridge.sim.fake_openai.records import FakeOpenAIConfig, FakeResponse, FakeSession, _new_id
+from voicebridge.sim.fake_openai.validate import apply_session_update, default_session
 
 __all__ = [
     "AZURE_PATH",

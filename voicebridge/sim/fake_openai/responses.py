@@ -4,7 +4,7 @@
 or text deltas, an optional scripted function call), with cancellation by barge-in or the client.
 
 :class:`_ResponseMixin` is the response half of the per-connection handler
-:class:`~voicebridge.sim.fake_openai_connection._Conn`, which inherits it: it works on the
+:class:`~voicebridge.sim.fake_openai.connection._Conn`, which inherits it: it works on the
 connection's state (declared below) and sends through the connection's ``send``.
 """
 
@@ -23,7 +23,7 @@ import msgspec
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from voicebridge.sim.fake_openai_records import (
+from voicebridge.sim.fake_openai.records import (
     DEFAULT_REPLIES,
     FakeOpenAIConfig,
     FakeResponse,
@@ -31,7 +31,7 @@ from voicebridge.sim.fake_openai_records import (
     _Item,
     _new_id,
 )
-from voicebridge.sim.fake_openai_validate import (
+from voicebridge.sim.fake_openai.validate import (
     _RESPONSE_KEYS,
     _check_common,
     _check_keys,

@@ -1,0 +1,5 @@
+import sys
+
+from voicebridge.sim.fake_openai.server import main
+
+sys.exit(main())
