@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from voicebridge.stats import COUNTERS, HISTOGRAMS, Histogram, Stats, measure_record_ns
+from voicebridge.stats import COUNTERS, HISTOGRAMS, Histogram, Stats
 
 HIGHEST = 60_000_000
 PS = (50, 90, 99, 99.9)
@@ -339,13 +339,3 @@ def test_stats_histograms_are_separate():
     assert len({id(h) for h in hs.values()}) == len(hs)
     assert all(h.name == n for n, h in hs.items())
     assert Stats().up_forward is not s.up_forward
-
-
-# -- cost (reported, not asserted) --------------------------------------------------------------
-
-def test_record_cost_report():
-    ns = measure_record_ns(n=1_000_000, repeat=3)
-    h = Histogram("t", "test")
-    print(f"\nHistogram.record: {ns:.0f} ns per call (timeit, 1e6 calls); "
-          f"{len(h.counts)} buckets, bucket list {h.nbytes} bytes")
-    assert ns > 0

@@ -35,15 +35,13 @@ from __future__ import annotations
 
 import functools
 import math
-import random
 import time
-import timeit
 from bisect import bisect_left, bisect_right
 from fractions import Fraction
 from itertools import accumulate
 from typing import Any, NamedTuple, Sequence
 
-__all__ = ["Histogram", "Stats", "COUNTERS", "HISTOGRAMS", "measure_record_ns"]
+__all__ = ["Histogram", "Stats", "COUNTERS", "HISTOGRAMS"]
 
 
 class _Layout(NamedTuple):
@@ -118,7 +116,7 @@ class Histogram:
         self.negative = 0
 
     # -- hot path ----------------------------------------------------------------------------
-    # Measured alternatives (CPython 3.11, see measure_record_ns): an array('q') for the counts
+    # Measured alternatives (CPython 3.11, see bench/record_cost.py): an array('q') for the counts
     # is ~40 ns slower than a list (boxing on every +=); keeping a separate `count` costs ~25 ns,
     # so count is derived from the buckets on read; a 64 Ki-entry index table for small values
     # and closures instead of a method were not measurably faster. A `record_since(t0_ns)` that
@@ -405,17 +403,3 @@ class Stats:
                 lines.append(f"{title}:")
                 lines.extend(f"  {k}  {v}" for k, v in sorted(d.items()))
         return "\n".join(lines)
-
-
-def measure_record_ns(n: int = 1_000_000, repeat: int = 5) -> float:
-    """Measured cost of `Histogram.record` in ns per call (best of `repeat` timeit runs of `n`
-    calls, loop overhead subtracted), over log-uniform values 1 µs .. 100 ms, the way call sites
-    call it (`h.record(v)`)."""
-    rnd = random.Random(12345)
-    vals = [int(math.exp(rnd.uniform(0.0, math.log(100_000)))) for _ in range(1000)]
-    loops = max(1, n // len(vals))
-    h = Histogram("bench", "record benchmark")
-    env = {"h": h, "vals": vals}
-    t_rec = min(timeit.repeat("for v in vals: h.record(v)", number=loops, repeat=repeat, globals=env))
-    t_nop = min(timeit.repeat("for v in vals: pass", number=loops, repeat=repeat, globals=env))
-    return (t_rec - t_nop) / (loops * len(vals)) * 1e9
