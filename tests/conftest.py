@@ -16,6 +16,7 @@ from voicebridge.config import Config, Secrets, load_config
 from voicebridge.log import setup
 from voicebridge.server import Bridge
 from voicebridge.sim.fake_openai import FakeOpenAIConfig, FakeRealtimeServer
+from voicebridge.transport import TRANSPORTS
 
 API_KEY = "sk-test-not-a-real-key"
 # which socket layer the bridge under test uses (server.transport); e2e modules run both
@@ -119,9 +120,10 @@ def assert_events_valid(fake: FakeRealtimeServer) -> int:
     return n
 
 
-@pytest.fixture(params=["fast", "websockets"])
+@pytest.fixture(params=list(TRANSPORTS))
 def both_transports(request):
-    """Run a test once per socket layer: the lean Sans-I/O one and websockets' asyncio one."""
+    """Run a test once per registered socket layer (today: the lean Sans-I/O one, "fast", and
+    websockets' asyncio one)."""
     token = TRANSPORT.set(request.param)
     yield request.param
     TRANSPORT.reset(token)

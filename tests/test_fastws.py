@@ -9,8 +9,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
-from voicebridge.fastws import FastEndpoint, FastServer, fast_dial
 from voicebridge.transport import ConnectFailed, EndpointClosed
+from voicebridge.transport.fast_impl import FastEndpoint, FastServer
+from voicebridge.transport.fast_impl import dial as fast_dial
 
 
 async def start(handler, **kw) -> tuple[FastServer, int]:
@@ -129,7 +130,7 @@ def _open_endpoint(**limits) -> tuple[FastEndpoint, _NullTransport]:
 async def test_send_never_waits_and_a_full_send_buffer_aborts():
     ep, tr = _open_endpoint(send_buffer_bytes=10_000, send_timeout_s=60)
     ep.pause_writing()                     # the peer stopped reading
-    for i in range(10):                    # below the bound: each send completes at once
+    for _ in range(10):                    # below the bound: each send completes at once
         await asyncio.wait_for(ep.send("x" * 900), 0.5)
     assert not tr.aborted
     with pytest.raises(EndpointClosed) as e:
@@ -173,7 +174,7 @@ async def test_unfinished_http_upgrade_is_dropped():
 
 
 async def test_receive_queue_is_bounded_by_pausing_the_socket():
-    import voicebridge.fastws as fastws
+    import voicebridge.transport.fast_impl as fastws
     n, size = 400, 100_000                    # 40 MB in all, far more than the kernel buffers hold
     got: list[bytes] = []
     reading = asyncio.Event()

@@ -20,6 +20,7 @@ from typing import Any, Literal, Mapping
 import msgspec
 
 from .audio import FORMATS
+from .transport import TRANSPORTS
 
 SECRET_ENV = ("VOICEBRIDGE_TOKEN", "VOICEBRIDGE_ADMIN_TOKEN", "OPENAI_API_KEY", "AZURE_OPENAI_API_KEY")
 _SECRET_KEYS = {"token", "api_key", "apikey", "key", "secret", "password"}
@@ -36,7 +37,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     allow_unauthenticated: bool = False
     max_message_bytes: int = 1024 * 1024
     ping_interval_s: float = 20.0
-    transport: Literal["fast", "websockets"] = "fast"
+    transport: str = "fast"   # a name in transport.TRANSPORTS
     # bounds (README: "Limits and hardening")
     max_calls: int = 400
     max_pending_handshakes: int = 128
@@ -185,6 +186,8 @@ def _check(cfg: Config, secrets: Secrets) -> None:
     need(0 <= s.port <= 65535, "server.port", f"must be 0..65535, got {s.port}")
     need(s.path.startswith("/"), "server.path", f"must start with '/', got {s.path!r}")
     need(s.path != "/health", "server.path", "'/health' is reserved")
+    need(s.transport in TRANSPORTS, "server.transport",
+         f"unknown transport {s.transport!r}; known: {', '.join(sorted(TRANSPORTS))}")
     need(s.max_message_bytes >= 65536, "server.max_message_bytes", "must be at least 65536")
     need(s.allow_unauthenticated or bool(secrets.token), "server.allow_unauthenticated",
          "VOICEBRIDGE_TOKEN is not set; set it, or set allow_unauthenticated = true explicitly")

@@ -7,6 +7,10 @@ OpenAI socket within a second), bounded by `server.shutdown_timeout_s`, after wh
 left is aborted; a second SIGTERM/SIGINT aborts everything at once. SIGHUP is logged and
 ignored (reload is not implemented yet); SIGUSR1 writes the stats to the log.
 
+The socket layer is the transport named by `server.transport` (`transport.get`): the bridge uses
+only its interface (`listen`, `dial`, `Listener`, `Endpoint`; see `transport/base.py`) and sees
+HTTP as `HttpRequest`/`HttpResponse`, whatever the library.
+
 HTTP handling happens in `process_request`, before any websocket exists. Public listener:
 - `GET /health` -> 200 JSON liveness {status, version, active_calls, uptime_s} (cheap);
 - `GET /metrics`, `GET /health?detail=1` -> only with `Authorization: Bearer $VOICEBRIDGE_ADMIN_TOKEN`
@@ -29,32 +33,28 @@ import resource
 import signal
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any
 
-from websockets.asyncio.server import Server, serve
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
-
-from . import __version__
+from . import __version__, transport
 from .bounds import clip
 from .call import Call, Dialer, limits_of
 from .config import Config, Secrets
-from .fastws import FastEndpoint, FastServer, fast_dial
 from .log import Throttled, get_logger, install_loop_handler
 from .metrics import CONTENT_TYPE, prometheus_text
 from .stats import Stats
-from .transport import BoundedServerConnection, WsEndpoint, dial
+from .transport import (Conn, Endpoint, Handler, HttpRequest, HttpResponse, Listener,
+                        ListenOptions, ProcessRequest, ProcessResponse)
 
 FD_RESERVE = 64          # descriptors kept free for logs, the admin listener, dials in progress
 ADMIN_MAX_PENDING = 16   # admin connections in their request at once
 
 
 def _response(status: int, reason: str, body: dict[str, Any],
-              extra: list[tuple[str, str]] | None = None) -> Response:
+              extra: list[tuple[str, str]] | None = None) -> HttpResponse:
     data = json.dumps(body).encode()
-    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(data))),
-                       ("Cache-Control", "no-store"), *(extra or [])])
-    return Response(status, reason, headers, data)
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
+               ("Cache-Control", "no-store"), *(extra or [])]
+    return HttpResponse(status, reason, headers, data)
 
 
 def raise_nofile() -> tuple[int, int]:
@@ -76,8 +76,8 @@ class Bridge:
     def __init__(self, cfg: Config, secrets: Secrets, *, dialer: Dialer | None = None) -> None:
         self.cfg = cfg
         self.secrets = secrets
-        fast = cfg.server.transport == "fast"
-        self.dialer: Dialer = dialer or (fast_dial if fast else dial)
+        self.transport = transport.get(cfg.server.transport)
+        self.dialer: Dialer = dialer or self.transport.dial
         self.calls: set[Call] = set()
         self.stats = Stats()
         self.finished: deque[Call] = deque(maxlen=64)   # recent calls, for tests and diagnostics
@@ -85,9 +85,9 @@ class Bridge:
         self.log = get_logger()
         self.noisy = Throttled(self.log)
         self.max_calls = cfg.server.max_calls          # may be clamped by the descriptor limit
-        self._server: Server | FastServer | None = None
-        self._admin: Server | FastServer | None = None
-        self._reserved: set[Any] = set()   # connections let through whose call has not started
+        self._server: Listener | None = None
+        self._admin: Listener | None = None
+        self._reserved: set[Conn] = set()  # connections let through whose call has not started
         self._expected_auth = (f"Bearer {secrets.token}".encode() if secrets.token else None)
         self._admin_auth = (f"Bearer {secrets.admin_token}".encode() if secrets.admin_token else None)
         self._metrics_cache: tuple[float, bytes] = (-1e9, b"")
@@ -95,10 +95,8 @@ class Bridge:
         self._force = asyncio.Event()
 
     # ------------------------------------------------------------------ HTTP before upgrade
-    def process_request(self, connection: Any, request: Request) -> Response | None:
-        """Public listener, before the upgrade; `connection` is either transport's connection."""
-        if isinstance(connection, BoundedServerConnection):
-            connection.handshake_done()
+    def process_request(self, request: HttpRequest) -> HttpResponse | None:
+        """Public listener, before the upgrade; None lets the upgrade through."""
         path, _, query = request.path.partition("?")
         if path == "/health" and "detail" not in query:
             return _response(200, "OK", self.liveness())
@@ -107,18 +105,18 @@ class Bridge:
                 return _response(404, "Not Found", {"error": "served on the admin listener"})
             got = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(got, self._admin_auth):
-                self.noisy.emit("warning", "auth.rejected", peer=clip(connection.remote_address, 64),
+                self.noisy.emit("warning", "auth.rejected", peer=clip(request.remote, 64),
                                 path=path)
                 return _response(401, "Unauthorized", {"error": "invalid or missing admin token"},
                                  [("WWW-Authenticate", "Bearer")])
-            return self.admin_request(connection, request)
+            return self.admin_request(request)
         if path != self.cfg.server.path:
             return _response(404, "Not Found", {"error": "not found", "path": clip(path, 100)})
         if self._expected_auth is not None:
             got = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(got, self._expected_auth):
                 self.stats.auth_rejected += 1
-                self.noisy.emit("warning", "auth.rejected", peer=clip(connection.remote_address, 64),
+                self.noisy.emit("warning", "auth.rejected", peer=clip(request.remote, 64),
                                 has_header="Authorization" in request.headers)
                 return _response(401, "Unauthorized", {"error": "invalid or missing bearer token"},
                                  [("WWW-Authenticate", "Bearer")])
@@ -126,21 +124,20 @@ class Bridge:
             return self._refuse("shutting_down", "the bridge is shutting down")
         if len(self.calls) + self._n_reserved() >= self.max_calls:
             return self._refuse("max_calls", f"at capacity ({self.max_calls} calls)")
-        self._reserved.add(connection)   # released when the call starts, or by process_response
+        self._reserved.add(request.conn)   # released when the call starts, or by process_response
         return None
 
     def _n_reserved(self) -> int:
         if self._reserved:   # drop connections that died between the answer and the handler
-            self._reserved = {c for c in self._reserved
-                              if c.transport is not None and not c.transport.is_closing()}
+            self._reserved = {c for c in self._reserved if not c.is_closing()}
         return len(self._reserved)
 
-    def process_response(self, connection: Any, request: Request, response: Response) -> None:
+    def process_response(self, conn: Conn, status: int) -> None:
         """After the upgrade answer: a handshake the library refused never starts its call."""
-        if response.status_code != 101:
-            self._reserved.discard(connection)
+        if status != 101:
+            self._reserved.discard(conn)
 
-    def _refuse(self, why: str, text: str) -> Response:
+    def _refuse(self, why: str, text: str) -> HttpResponse:
         self.stats.calls_refused += 1
         self.noisy.emit("warning", "conn.refused", reason=why, active_calls=len(self.calls))
         return _response(503, "Service Unavailable", {"error": text}, [("Retry-After", "1")])
@@ -148,17 +145,15 @@ class Bridge:
     def _on_refused(self, why: str) -> None:
         self.noisy.emit("warning", "conn.refused", reason=why)
 
-    def admin_request(self, connection: Any, request: Request) -> Response:
+    def admin_request(self, request: HttpRequest) -> HttpResponse:
         """Admin listener: detailed /health and /metrics; never upgrades."""
-        if isinstance(connection, BoundedServerConnection):
-            connection.handshake_done()
         path = request.path.partition("?")[0]
         if path == "/health":
             return _response(200, "OK", self.health())
         if path == "/metrics":
             body = self.metrics_text()
-            return Response(200, "OK", Headers([("Content-Type", CONTENT_TYPE),
-                                                ("Content-Length", str(len(body)))]), body)
+            return HttpResponse(200, "OK", [("Content-Type", CONTENT_TYPE),
+                                            ("Content-Length", str(len(body)))], body)
         return _response(404, "Not Found", {"error": "not found", "path": clip(path, 100)})
 
     def metrics_text(self) -> bytes:
@@ -185,9 +180,8 @@ class Bridge:
         self.log.info("stats.table", table=self.stats.table())
 
     # ------------------------------------------------------------------ per connection
-    async def _handler(self, ws: Any) -> None:
-        self._reserved.discard(ws)
-        end = ws if isinstance(ws, FastEndpoint) else WsEndpoint(ws, limits_of(self.cfg))
+    async def _handler(self, end: Endpoint, conn: Conn) -> None:
+        self._reserved.discard(conn)
         call = Call(end, self.cfg, self.secrets, dialer=self.dialer, stats=self.stats)
         self.calls.add(call)
         self.stats.calls_active += 1
@@ -212,29 +206,17 @@ class Bridge:
         else:
             self.log.info("server.nofile", **fields)
 
-    async def _listen(self, handler: Callable[..., Any], process_request: Callable[..., Any],
-                      host: str, port: int, max_pending: int,
-                      process_response: Callable[..., Any] | None = None) -> Server | FastServer:
+    async def _listen(self, handler: Handler, process_request: ProcessRequest, host: str,
+                      port: int, max_pending: int,
+                      process_response: ProcessResponse | None = None) -> Listener:
         s = self.cfg.server
-        if s.transport == "fast":
-            fast = FastServer(handler, process_request, max_size=s.max_message_bytes,
-                              close_timeout_s=2.0, ping_interval_s=s.ping_interval_s,
-                              server_header=f"voicebridge/{__version__}", limits=limits_of(self.cfg),
-                              handshake_timeout_s=s.handshake_timeout_s, max_pending=max_pending,
-                              backlog=s.backlog, on_refused=self._on_refused,
-                              process_response=process_response)
-            await fast.start(host, port)
-            return fast
-        conn_cls = type("VoicebridgeConnection", (BoundedServerConnection,), {
-            "limits": limits_of(self.cfg), "pending": {}, "max_pending": max_pending,
-            "on_refused": staticmethod(self._on_refused)})
-        return await serve(
-            handler, host, port, process_request=process_request,
-            process_response=process_response, create_connection=conn_cls,
-            max_size=s.max_message_bytes, compression=None, ping_interval=s.ping_interval_s,
-            ping_timeout=s.ping_interval_s, close_timeout=2.0, open_timeout=s.handshake_timeout_s,
-            max_queue=max(2, s.recv_queue_bytes // s.max_message_bytes), backlog=s.backlog,
-            server_header=f"voicebridge/{__version__}")
+        opts = ListenOptions(max_size=s.max_message_bytes, ping_interval_s=s.ping_interval_s,
+                             close_timeout_s=2.0, handshake_timeout_s=s.handshake_timeout_s,
+                             max_pending=max_pending, backlog=s.backlog, limits=limits_of(self.cfg),
+                             server_header=f"voicebridge/{__version__}")
+        return await self.transport.listen(handler, process_request, host, port, opts=opts,
+                                           process_response=process_response,
+                                           on_refused=self._on_refused)
 
     async def start(self) -> None:
         s = self.cfg.server
@@ -277,12 +259,8 @@ class Bridge:
         for call in list(self.calls):
             call.abort()
         for srv in (self._server, self._admin):
-            if isinstance(srv, FastServer):
+            if srv is not None:
                 srv.abort_all()
-            elif srv is not None:
-                for conn in list(srv.connections):
-                    if conn.transport is not None:
-                        conn.transport.abort()
 
     def _on_stop_signal(self, signum: int) -> None:
         if self._stopping.is_set():

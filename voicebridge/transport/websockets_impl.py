@@ -1,141 +1,28 @@
-"""The socket seam: "an end that yields frames and accepts frames", and its bounds.
+"""Transport `websockets`: websockets' asyncio layer, with the bounds of `base.Limits`.
 
-`call.py` only sees `Endpoint`. Two implementations: `WsEndpoint` here (websockets' asyncio
-layer) and `fastws.FastEndpoint` (websockets' Sans-I/O protocol on uvloop). Both keep the same
-contract, including every bound in `Limits`:
-- `send_nowait(text)` (and `send`, its awaitable twin) never waits for the peer: the frame goes
-  to the transport's buffer. A socket
-  whose unsent bytes exceed `send_buffer_bytes`, or whose writes stay paused (peer not reading)
-  for `send_timeout_s`, is aborted; `send` then raises `EndpointClosed`. So a peer that stops
-  reading costs bounded memory and never blocks the task that also watches the other peer.
-- received, unread messages are bounded in bytes (`recv_queue_bytes`) as well as in count:
-  beyond either, the socket is not read (TCP backpressure) until the reader catches up.
-- a fragmented message may have at most `max_fragments` fragments (and `max_size` bytes).
-- `EndpointClosed.cause` says who ended the connection and why: None when the peer closed it
-  (then `code` is the peer's code, 1006 if it sent none), else one of `CAUSES` for a close or an
-  abort of our own (then `code` is the code we sent, or 1006 for an abort).
+The module interface and the `Endpoint` contract are in `base`'s docstring. What this layer
+needs on top of the library: `_SendBounds` (the send bounds, as a mixin of its connection
+classes), `BoundedServerConnection` (the pending-handshake cap, dropping the oldest, and
+`RequestHead`), `WsEndpoint` (sends written through the Sans-I/O protocol object without awaiting
+`drain()`), and adapters between `HttpRequest`/`HttpResponse` and the library's own types.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Sequence
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
-from websockets.frames import Close
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-# our own reasons for ending a connection (EndpointClosed.cause)
-CAUSES = ("frame_too_big", "protocol_error", "keepalive_timeout", "shutdown", "send_buffer_full",
-          "send_timeout", "closed")
-MAX_QUEUED_MESSAGES = 64   # received, unread messages per connection (bytes: Limits.recv_queue_bytes)
-
-
-MAX_REQUEST_HEAD_BYTES = 16 * 1024
-_BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-                b"Connection: close\r\n\r\n%s")
-
-
-class RequestHead:
-    """Server side, before the upgrade: hands the parser exactly one HTTP request head.
-
-    Bytes after the head (a second, pipelined request, or frames sent before our 101) and heads
-    larger than `MAX_REQUEST_HEAD_BYTES` are refused with a 400 and the connection is closed:
-    the websocket client must wait for the answer to its upgrade before it sends anything."""
-
-    __slots__ = ("buf", "done")
-
-    def __init__(self) -> None:
-        self.buf = b""
-        self.done = False
-
-    def feed(self, data: bytes, transport: Any) -> bytes | None:
-        """The complete head once it is in (feed it to the protocol), else None (wait for more,
-        or refused: the 400 has been written and the transport closed)."""
-        buf = self.buf + data
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > MAX_REQUEST_HEAD_BYTES:
-                self.refuse(transport, b"request head too large\n")
-            else:
-                self.buf = buf
-            return None
-        self.done = True
-        self.buf = b""
-        if end + 4 != len(buf):
-            self.refuse(transport, b"one request per connection, and no data before the 101\n")
-            return None
-        return buf
-
-    @staticmethod
-    def refuse(transport: Any, text: bytes) -> None:
-        if not transport.is_closing():
-            transport.write(_BAD_REQUEST % (len(text), text))
-            transport.close()
-
-
-class Limits(NamedTuple):
-    """Per-connection bounds, from `server.*` (see README, "Limits and hardening")."""
-    send_buffer_bytes: int = 1024 * 1024
-    send_timeout_s: float = 10.0
-    recv_queue_bytes: int = 4 * 1024 * 1024
-    max_fragments: int = 128
-
-
-class EndpointClosed(Exception):
-    """The connection is over; `code`/`reason` say how, `cause` who (see the module docstring)."""
-
-    def __init__(self, code: int | None, reason: str, cause: str | None = None) -> None:
-        super().__init__(f"closed code={code} reason={reason!r} cause={cause}")
-        self.code = code
-        self.reason = reason
-        self.cause = cause
-
-
-class ConnectFailed(Exception):
-    """Dialing upstream failed; `reason` is safe to log (never contains credentials)."""
-
-    def __init__(self, reason: str, status: int | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-
-
-class Endpoint(Protocol):
-    async def recv(self) -> str | bytes: ...
-    async def send(self, frame: str) -> None: ...
-    def send_nowait(self, frame: str) -> None: ...
-    async def close(self, code: int = 1000, reason: str = "") -> None: ...
-    def abort(self) -> None: ...
-    @property
-    def close_code(self) -> int | None: ...
-
-
-def cause_of_code(code: int) -> str:
-    """Our reason for a close frame we sent first, from its code."""
-    if code == 1009:
-        return "frame_too_big"
-    if code in (1002, 1003, 1007, 1008):
-        return "protocol_error"
-    if code == 1011:
-        return "keepalive_timeout"   # the only 1011 the transports send themselves
-    if code == 1001:
-        return "shutdown"
-    return "closed"
-
-
-def closed_error(sent: Close | None, rcvd: Close | None, rcvd_then_sent: bool | None,
-                 cause: str | None) -> EndpointClosed:
-    """The `EndpointClosed` for a connection's close frames (websockets' attributes)."""
-    if cause is not None:   # we aborted it (send bounds): no close frame could be trusted
-        return EndpointClosed(1006, cause.replace("_", " "), cause)
-    if sent is not None and (rcvd is None or rcvd_then_sent is False):
-        return EndpointClosed(sent.code, sent.reason, cause_of_code(sent.code))
-    if rcvd is not None:
-        return EndpointClosed(rcvd.code, rcvd.reason, None)
-    return EndpointClosed(1006, "", None)
+from .base import (ConnectFailed, EndpointClosed, Handler, HttpRequest, HttpResponse, Limits,
+                   ListenOptions, OnRefused, ProcessRequest, ProcessResponse, RequestHead,
+                   closed_error, peer_name)
 
 
 class _SendBounds:
@@ -175,6 +62,25 @@ class _SendBounds:
             self._send_timer.cancel()
         super().connection_lost(exc)  # type: ignore[misc]
 
+    _fragments = 0          # of the message being received
+    protocol: Any
+
+    def process_event(self, event: Any) -> None:
+        """Fragments per message are bounded (`Limits.max_fragments`): the library's own limit
+        counts bytes, so empty continuation frames could pile up without one."""
+        if type(event) is Frame:
+            op = event.opcode
+            if op is Opcode.TEXT or op is Opcode.BINARY or op is Opcode.CONT:
+                if self._fragments < 0:         # failed already: the rest is discarded
+                    return
+                self._fragments = 0 if event.fin else self._fragments + 1
+                if self._fragments > self.limits.max_fragments:
+                    self._fragments = -1
+                    self.protocol.fail(1009, "too many fragments")
+                    self.send_data()  # type: ignore[attr-defined]
+                    return
+        super().process_event(event)  # type: ignore[misc]
+
 
 class BoundedClientConnection(_SendBounds, ClientConnection):
     """websockets' client connection with the send bounds."""
@@ -183,7 +89,7 @@ class BoundedClientConnection(_SendBounds, ClientConnection):
 class BoundedServerConnection(_SendBounds, ServerConnection):
     """websockets' server connection with the send bounds and a shared cap on connections still
     in their opening handshake (`pending`, oldest first, and `max_pending`; set by the server):
-    past the cap the oldest is dropped, as `fastws.FastServer` does."""
+    past the cap the oldest is dropped, as `fast_impl.FastServer` does."""
 
     pending: dict["BoundedServerConnection", None] | None = None
     max_pending = 0
@@ -221,12 +127,16 @@ class BoundedServerConnection(_SendBounds, ServerConnection):
         self.handshake_done()
         super().connection_lost(exc)
 
+    def is_closing(self) -> bool:
+        """`base.Conn`: the socket is closing or gone."""
+        return self.transport is None or self.transport.is_closing()
+
 
 class WsEndpoint:
     """An `Endpoint` over a `websockets` asyncio connection (server or client side).
 
     `send` writes through the Sans-I/O protocol object without awaiting `drain()`, so it never
-    blocks (bounded as the module docstring says)."""
+    blocks (bounded as `base.Limits` says)."""
 
     __slots__ = ("_ws", "_recv", "_proto", "_limits")
 
@@ -275,6 +185,66 @@ class WsEndpoint:
     @property
     def remote_address(self) -> Any:
         return self._ws.remote_address
+
+
+def _response(r: HttpResponse) -> Response:
+    return Response(r.status, r.reason, Headers(r.headers), r.body)
+
+
+class WsListener:
+    """`base.Listener` over websockets' `Server`."""
+
+    __slots__ = ("server",)
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    @property
+    def sockets(self) -> Sequence[Any]:
+        return self.server.sockets
+
+    def close(self, close_connections: bool = True) -> None:
+        self.server.close(close_connections=close_connections)
+
+    async def wait_closed(self) -> None:
+        await self.server.wait_closed()
+
+    def abort_all(self) -> None:
+        for conn in list(self.server.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+
+
+async def listen(handler: Handler, process_request: ProcessRequest, host: str, port: int, *,
+                 opts: ListenOptions, process_response: ProcessResponse | None = None,
+                 on_refused: OnRefused | None = None) -> WsListener:
+    """`base`'s `listen` on websockets' asyncio server."""
+    limits = opts.limits
+    conn_cls = type("VoicebridgeConnection", (BoundedServerConnection,), {
+        "limits": limits, "pending": {}, "max_pending": opts.max_pending,
+        "on_refused": staticmethod(on_refused) if on_refused is not None else None})
+
+    def on_request(conn: BoundedServerConnection, request: Request) -> Response | None:
+        conn.handshake_done()
+        r = process_request(HttpRequest(request.path, request.headers,
+                                        peer_name(conn.remote_address), conn))
+        return None if r is None else _response(r)
+
+    def on_response(conn: BoundedServerConnection, request: Request, response: Response) -> None:
+        process_response(conn, response.status_code)  # type: ignore[misc]
+
+    async def run(ws: BoundedServerConnection) -> None:
+        await handler(WsEndpoint(ws, limits), ws)
+
+    server = await serve(
+        run, host, port, process_request=on_request,  # type: ignore[arg-type]
+        process_response=on_response if process_response is not None else None,  # type: ignore[arg-type]
+        create_connection=conn_cls, max_size=opts.max_size, compression=None,
+        ping_interval=opts.ping_interval_s, ping_timeout=opts.ping_interval_s,
+        close_timeout=opts.close_timeout_s, open_timeout=opts.handshake_timeout_s,
+        max_queue=max(2, limits.recv_queue_bytes // opts.max_size), backlog=opts.backlog,
+        server_header=opts.server_header)
+    return WsListener(server)
 
 
 async def dial(url: str, headers: dict[str, str], *, timeout_s: float, max_size: int,

@@ -1,4 +1,4 @@
-"""A lean websocket transport: `websockets`' Sans-I/O protocol driven straight from uvloop.
+"""Transport `fast` (the default): `websockets`' Sans-I/O protocol driven straight from uvloop.
 
 Why: the profile of `make bench` shows most of the bridge's CPU inside `websockets`' asyncio
 layer (an async context manager, a weak set and a queue per send/recv). The same protocol
@@ -6,19 +6,15 @@ objects (`ServerProtocol`/`ClientProtocol`: parsing, framing, close handshake, p
 from a plain `asyncio.Protocol` do the same work with far less Python per frame
 (../shared/perf/relay_floor.py measures that difference on this machine).
 
-Contract, identical to `transport.WsEndpoint`:
-- `recv()` returns the next message (text messages as `bytes` of UTF-8: both our decoders take
-  bytes; binary messages as `bytes` too) or raises `EndpointClosed(code, reason)`;
-- `send(text)` sends one text message; it suspends only when the kernel buffer is full
-  (backpressure), otherwise it completes without yielding to the loop;
-- `close(code, reason)` runs the close handshake, bounded by `close_timeout_s`, then aborts;
-- keepalive: a ping every `ping_interval_s`; no pong by the next ping aborts the connection.
-- `send` never waits for the peer, and everything is bounded as `transport.Limits` says (unsent
-  bytes, time paused, unread messages in count and bytes, fragments per message).
-Listener: at most `max_pending` connections in their opening handshake, each given
+The module interface (`listen`, `dial`) and the `Endpoint` contract are in `base`'s docstring;
+here text messages arrive as `bytes` of UTF-8 (both our decoders take bytes), and keepalive
+aborts a connection with no pong by the next ping.
+`FastEndpoint` is one connection (either side) and also its `base.Conn`; `FastServer` the
+listener: at most `max_pending` connections in their opening handshake, each given
 `handshake_timeout_s` to send its upgrade request; past the cap the *oldest* one is dropped, so
 a slowloris holding the slots cannot lock out a real client (whose request follows its connect
-at once); one request per connection.
+at once); one request per connection. `listen` adapts `FastServer`'s hooks (websockets'
+`Request`/`Response`) to `HttpRequest`/`HttpResponse`.
 """
 
 from __future__ import annotations
@@ -29,6 +25,7 @@ from collections import deque
 from typing import Any, Awaitable, Callable
 
 from websockets.client import ClientProtocol
+from websockets.datastructures import Headers
 from websockets.exceptions import InvalidURI
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
@@ -36,8 +33,9 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from .transport import (MAX_QUEUED_MESSAGES, ConnectFailed, EndpointClosed, Limits, RequestHead,
-                        closed_error)
+from .base import (MAX_QUEUED_MESSAGES, ConnectFailed, EndpointClosed, Handler, HttpRequest,
+                   HttpResponse, Limits, ListenOptions, OnRefused, ProcessRequest,
+                   ProcessResponse, RequestHead, closed_error, peer_name)
 
 _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
 _tls: ssl_mod.SSLContext | None = None
@@ -268,7 +266,7 @@ class FastEndpoint(asyncio.Protocol):
         self.send_nowait(frame)
 
     def send_nowait(self, frame: str) -> None:
-        """Never waits: see `transport.Limits` for what bounds a peer that does not read."""
+        """Never waits: see `base.Limits` for what bounds a peer that does not read."""
         proto = self.proto
         if proto.state is not State.OPEN or self._lost:
             raise self._closed_error()
@@ -303,19 +301,24 @@ class FastEndpoint(asyncio.Protocol):
     def remote_address(self) -> Any:
         return self.transport.get_extra_info("peername") if self.transport else None
 
+    def is_closing(self) -> bool:
+        """`base.Conn`: the socket is closing or gone."""
+        return self.transport is None or self.transport.is_closing()
+
     @property
     def _ws(self) -> "FastEndpoint":  # tests reach the socket through `endpoint._ws.transport`
         return self
 
 
-ProcessRequest = Callable[[Any, Request], Response | None]
-Handler = Callable[[FastEndpoint], Awaitable[None]]
+# FastServer's own hooks, in websockets' types (`listen` adapts them to `base`'s)
+RawProcessRequest = Callable[[Any, Request], Response | None]
+RawHandler = Callable[[FastEndpoint], Awaitable[None]]
 
 
 class FastServer:
     """Listener: HTTP upgrade handled by `process_request` first (health, auth), then `handler`."""
 
-    def __init__(self, handler: Handler, process_request: ProcessRequest, *, max_size: int,
+    def __init__(self, handler: RawHandler, process_request: RawProcessRequest, *, max_size: int,
                  close_timeout_s: float, ping_interval_s: float | None, server_header: str,
                  limits: Limits = Limits(), handshake_timeout_s: float = 10.0,
                  max_pending: int = 1 << 30, backlog: int = 100,
@@ -421,10 +424,39 @@ class FastServer:
             await self._server.wait_closed()
 
 
-async def fast_dial(url: str, headers: dict[str, str], *, timeout_s: float, max_size: int,
-                    close_timeout_s: float, ping_interval_s: float | None = 20.0,
-                    limits: Limits = Limits()) -> FastEndpoint:
-    """Client side of `transport.dial` on the lean transport (ws:// and wss://)."""
+def _response(r: HttpResponse) -> Response:
+    return Response(r.status, r.reason, Headers(r.headers), r.body)
+
+
+async def listen(handler: Handler, process_request: ProcessRequest, host: str, port: int, *,
+                 opts: ListenOptions, process_response: ProcessResponse | None = None,
+                 on_refused: OnRefused | None = None) -> FastServer:
+    """`base`'s `listen` on `FastServer`."""
+    def on_request(ep: FastEndpoint, request: Request) -> Response | None:
+        r = process_request(HttpRequest(request.path, request.headers,
+                                        peer_name(ep.remote_address), ep))
+        return None if r is None else _response(r)
+
+    def on_response(ep: FastEndpoint, request: Request, response: Response) -> None:
+        process_response(ep, response.status_code)  # type: ignore[misc]
+
+    async def run(ep: FastEndpoint) -> None:
+        await handler(ep, ep)
+
+    server = FastServer(run, on_request, max_size=opts.max_size,
+                        close_timeout_s=opts.close_timeout_s, ping_interval_s=opts.ping_interval_s,
+                        server_header=opts.server_header, limits=opts.limits,
+                        handshake_timeout_s=opts.handshake_timeout_s, max_pending=opts.max_pending,
+                        backlog=opts.backlog, on_refused=on_refused,
+                        process_response=on_response if process_response is not None else None)
+    await server.start(host, port)
+    return server
+
+
+async def dial(url: str, headers: dict[str, str], *, timeout_s: float, max_size: int,
+               close_timeout_s: float, ping_interval_s: float | None = 20.0,
+               limits: Limits = Limits()) -> FastEndpoint:
+    """`base`'s `dial` on the lean transport (ws:// and wss://)."""
     loop = asyncio.get_running_loop()
 
     async def connect() -> FastEndpoint:
