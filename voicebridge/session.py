@@ -49,7 +49,7 @@ from .audio import (WAV_HEADER_ON_PLAY_START, NoCommonFormat, Negotiated, Transc
                     make_transcoder, ms_of_b64, negotiate, wav_header)
 from .bounds import ID_CHARS, OnceKeys, clip, clip_list, is_b64
 from .config import Config, Secrets
-from .playout import CHUNK, END, Playout, Taken, piece_chars, split_b64
+from .playout import CHUNK, Playout, Taken, piece_chars, split_b64
 from .stats import Histogram, Stats
 
 _LOG_FIRST_N = 5                 # per call, for repeated bad-input log lines
@@ -308,18 +308,23 @@ class CallSession:
     def _caller_audio(self, payload: str, now_ns: int) -> str | None:
         c = self.counters
         c.frames_up += 1
+        if not payload:          # nothing to forward (an empty append is of no use)
+            return None
         if not is_b64(payload):  # never into the JSON template: no injection upstream
-            return self._bad_audio("audioChunk is not base64")
+            self._bad_audio("audioChunk is not base64")
+            return None
         if len(payload) > self._max_frame_chars:  # bounded decoding cost per frame
-            return self._bad_audio(f"audioChunk longer than audio.max_frame_ms "
-                                   f"({self.cfg.audio.max_frame_ms} ms)")
+            self._bad_audio(f"audioChunk longer than audio.max_frame_ms "
+                            f"({self.cfg.audio.max_frame_ms} ms)")
+            return None
         self._last_audio_ns = now_ns
         tc = self._tc
         if tc is not None:
             try:
                 payload = tc.up(payload)
             except ValueError as e:  # binascii.Error: not decodable
-                return self._bad_audio(clip(f"audioChunk does not decode: {e}", 120))
+                self._bad_audio(clip(f"audioChunk does not decode: {e}", 120))
+                return None
             if not payload:
                 return None
         if self.up_ready:
@@ -333,7 +338,6 @@ class CallSession:
     def _bad_audio(self, reason: str) -> None:
         self.counters.bad_frames_in += 1
         self._log_first_n("bad_audio", "call.bad_audio_chunk", reason=reason)
-        return None
 
     def _buffer_early(self, payload: str) -> None:
         assert self._neg is not None
