@@ -5,8 +5,9 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
 BENCH_STAMP = $(VENV)/.installed-bench
+LINT_STAMP  = $(VENV)/.installed-lint
 
-.PHONY: demo test run check bench clean
+.PHONY: demo test lint run check bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +20,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+$(LINT_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,lint]'
+	@touch $(LINT_STAMP)
+
+lint: $(LINT_STAMP)
+	$(PY) -m ruff check voicebridge tests bench
+	$(PY) -m mypy
 
 run: $(STAMP)
 	$(PY) -m voicebridge --config config.toml

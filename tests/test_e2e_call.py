@@ -9,7 +9,7 @@ import pytest
 from voicebridge.sim.caller import BargeIn, CallerConfig, Silence, Speak, WaitForBot, run_call
 pytestmark = pytest.mark.usefixtures("both_transports")
 
-from tests.conftest import TOKEN, assert_events_valid, fast_fake, running, vaic_url, wait_for
+from tests.conftest import TOKEN, assert_events_valid, fast_fake, running, vaic_url, wait_for  # noqa: E402
 
 ALL_FORMATS = ["raw/lpcm16_24", "raw/mulaw", "raw/lpcm16", "raw/lpcm16_8",
                "wav/lpcm16_24", "wav/mulaw", "wav/lpcm16", "wav/lpcm16_8"]

@@ -17,7 +17,7 @@ from voicebridge.sim.caller import (CallerConfig, Silence, Speak, WaitForBot, ru
                                     validate_connection)
 pytestmark = pytest.mark.usefixtures("both_transports")
 
-from tests.conftest import TOKEN, assert_events_valid, fast_fake, running, vaic_url, wait_for
+from tests.conftest import TOKEN, assert_events_valid, fast_fake, running, vaic_url, wait_for  # noqa: E402
 
 INIT = {"type": "session.initiate", "conversationId": "conv-1", "botName": "b", "caller": "+1",
         "expectAudioMessages": True, "supportedMediaFormats": ["raw/mulaw"]}

@@ -905,7 +905,6 @@ async def test_E_max_calls_503_idle_and_initiate_timeouts(limited, fake):
     refused: list[tuple[int | None, bytes]] = []
     for _ in range(5):      # in batches under max_pending_handshakes (64): those are refused at TCP level
         refused += await asyncio.wait_for(asyncio.gather(*(extra() for _ in range(20))), 20)
-    t_refused = time.monotonic() - t_full
     dialed = len(fake.sessions) - sessions0
     out = await clean
     # idle calls: hangup activity with idle-timeout, then closed
@@ -970,7 +969,7 @@ async def test_F_slowloris_under_1024_fds(limited, fake):
     max_fds = 0
     with RssSampler(d) as rss:
         t0 = time.monotonic()
-        for i in range(0, 1100, 100):
+        for _ in range(0, 1100, 100):
             got = await asyncio.gather(*(slow() for _ in range(100)))
             conns += [c for c in got if c is not None]
             max_fds = max(max_fds, d.fd_count())

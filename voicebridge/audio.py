@@ -42,7 +42,8 @@ bursts, so ``up``/``down`` often return ``""`` for one chunk and a double portio
 MQ has the same delay and cost with less stop-band rejection (-121 dB vs -140 dB), so HQ is used.
 The held-back tail is only emitted by ``flush_up()`` / ``flush_down()``: call ``flush_down()`` at
 the end of each assistant audio item (before ``playStream.stop``), or the last ~40-70 ms of speech
-are lost; ``flush_up()`` on ``userStream.stop``; ``reset_down()`` on barge-in. Over a stream, total output samples equal ``round(input samples × ratio)`` after a flush.
+are lost; ``flush_up()`` on ``userStream.stop``; ``reset_down()`` on barge-in. Over a stream,
+total output samples equal ``round(input samples × ratio)`` after a flush.
 
 Odd byte counts: int16 paths carry a trailing odd byte to the next chunk (never dropped).
 
@@ -314,9 +315,9 @@ def _build_mulaw_tables() -> tuple[np.ndarray, np.ndarray]:
     enc[x.astype(np.int16).view(np.uint16)] = code.astype(np.uint8)
     # Decoder for every byte.
     u = (~np.arange(256, dtype=np.int32)) & 0xFF
-    e = (u >> 4) & 0x07
+    ex = (u >> 4) & 0x07
     m = u & 0x0F
-    lin = (((m << 3) + _MULAW_BIAS) << e) - _MULAW_BIAS
+    lin = (((m << 3) + _MULAW_BIAS) << ex) - _MULAW_BIAS
     dec = np.where(u & 0x80, -lin, lin).astype(np.int16)
     return enc, dec
 

@@ -307,13 +307,13 @@ class AcProtocol:
         if st is AcState.ENDED:
             return Ignored(msg.__struct_config__.tag, "after session.end")  # type: ignore[arg-type]
         if st is AcState.WAIT_INITIATE:
-            if t is SessionInitiate:
-                self.conversation_id = msg.conversationId  # type: ignore[union-attr]
-                self.participant = msg.participant  # type: ignore[union-attr]
+            if isinstance(msg, SessionInitiate):
+                self.conversation_id = msg.conversationId
+                self.participant = msg.participant
                 return msg
-            if t is SessionResume:
+            if isinstance(msg, SessionResume):
                 self._out.append(encode(SessionError(
-                    reason="conversation not found", conversationId=msg.conversationId or None)))  # type: ignore[union-attr]
+                    reason="conversation not found", conversationId=msg.conversationId or None)))
                 self.state = AcState.ENDING
                 return Rejected("session.resume for a conversation this bridge does not hold")
             return self._reject_first(

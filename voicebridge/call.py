@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from time import monotonic_ns
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 from .config import Config, Secrets
 from .log import exc_fields, get_logger
@@ -261,8 +261,8 @@ class Call:
             self._log_id = cid
             self.log = get_logger(call_id=cid)
 
-    def _track(self, coro: Awaitable[None]) -> None:
-        task = self._loop.create_task(coro)  # type: ignore[arg-type]
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 

@@ -68,7 +68,7 @@ class _SafeJSON:
 
     def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
         try:
-            return self._render(logger, name, event)
+            return str(self._render(logger, name, event))
         except Exception as e:  # e.g. RecursionError on a deeply nested value
             return json.dumps({"event": clip(event.get("event"), 64), "level": event.get("level"),
                                "log_error": f"{type(e).__name__}: could not render fields"})
@@ -88,7 +88,7 @@ class _LibraryFilter(logging.Filter):
 
 def _add_suppressed(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     record = event.get("_record")
-    if record is not None and getattr(record, "suppressed", 0):
+    if record is not None and getattr(record, "suppressed", None):
         event["suppressed"] = record.suppressed
     return event
 
@@ -97,7 +97,7 @@ def setup(level: str = "info", stream: TextIO | None = None, rate_limit_per_s: f
     global _rate
     _rate = RateLimiter(rate_limit_per_s)
     out = stream or sys.stdout
-    shared = [structlog.processors.add_log_level,
+    shared: list[Any] = [structlog.processors.add_log_level,
               structlog.processors.TimeStamper(fmt="iso", utc=True), _redact, _compact_exc]
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, *shared, _SafeJSON()],

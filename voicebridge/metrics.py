@@ -44,7 +44,7 @@ BUCKETS_US: tuple[int, ...] = (
     1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
     1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000,
 )
-_LE: tuple[str, ...] = tuple(floatToGoString(b / 1e6) for b in BUCKETS_US) + ("+Inf",)
+_LE: tuple[str, ...] = tuple(floatToGoString(b / 1e6) for b in BUCKETS_US) + ("+Inf",)  # type: ignore[no-untyped-call]
 
 # (label value, percentile for Histogram.percentiles)
 QUANTILES: tuple[tuple[str, float], ...] = (("0.5", 50), ("0.9", 90), ("0.99", 99), ("0.999", 99.9))

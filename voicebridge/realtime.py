@@ -118,9 +118,11 @@ _passive_structs = tuple(
     msgspec.defstruct(f"Passive{i}", [], bases=(_Ev,), tag=name) for i, name in enumerate(_PASSIVE)
 )
 
-ServerEvent = Union[(AudioDelta, SpeechStartedEv, SpeechStoppedEv, Committed, ResponseCreated,  # type: ignore[valid-type]
-                     ResponseDone, AudioDone, TranscriptDone, InputTranscriptCompleted, Truncated,
-                     ErrorEvent, SessionCreated, SessionUpdated, *_passive_structs)]
+_ACTED_ON: tuple[type, ...] = (AudioDelta, SpeechStartedEv, SpeechStoppedEv, Committed,
+                               ResponseCreated, ResponseDone, AudioDone, TranscriptDone,
+                               InputTranscriptCompleted, Truncated, ErrorEvent, SessionCreated,
+                               SessionUpdated)
+ServerEvent: Any = Union[_ACTED_ON + _passive_structs]  # a runtime union msgspec decodes into
 _decoder = msgspec.json.Decoder(ServerEvent)
 
 
