@@ -19,6 +19,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from voicebridge.transport import TRANSPORTS
+
 from . import orchestrate as orch
 from . import report
 from .percentiles import added
@@ -118,12 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, help="measurement window per level (default 8; --full 30)")
     ap.add_argument("--no-floor", action="store_true", help="skip relay_floor.py")
     ap.add_argument("--no-ramp", action="store_true", help="skip the capacity ramp")
-    ap.add_argument("--transport", default="fast", choices=["fast", "websockets"],
+    ap.add_argument("--transport", default="fast", choices=sorted(TRANSPORTS),
                     help="the bridge's server.transport (default fast)")
     ap.add_argument("--profile-calls", type=int, default=300, help="calls during the profiled run (default 300)")
-    ap.add_argument("--ab", metavar="DIR", help="A/B only: the bridge of checkout DIR (A) against this "
-                    "tree (B), alternating, at --levels (default 100,200); e.g. DIR = a git worktree "
-                    "of an earlier commit")
+    ap.add_argument("--ab", metavar="DIR[,DIR...]", help="A/B only: the bridge of each older checkout "
+                    "(A, B, ...) against this tree (the last letter), alternating, at --levels (default "
+                    "100,200); e.g. DIR = a git worktree of an earlier commit")
     ap.add_argument("--rounds", type=int, default=2, help="--ab: runs per variant and level (default 2)")
     a = ap.parse_args(argv)
 
@@ -151,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.ab:
         from . import ab
         levels = _levels(a.levels) if a.levels else [100, 200]
-        say(f"A/B: {a.ab} (A) vs this tree (B), levels {levels}, {a.rounds} rounds, {window:g} s windows")
-        res["ab"] = ab.run_ab(opts, Path(a.ab).resolve(), levels, a.rounds, say)
+        say(f"A/B: {a.ab} vs this tree, levels {levels}, {a.rounds} rounds, {window:g} s windows")
+        res["ab"] = ab.run_ab(opts, [Path(d).resolve() for d in a.ab.split(",")], levels, a.rounds, say)
         res["elapsed_s"] = round(time.monotonic() - t_start, 1)
         say("")
         say(ab.table(res["ab"]))
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                if cap.get("first_failing_calls") else "")
             + (" (ramp stopped by the quick-mode time budget)" if cap.get("stopped_by_time") else ""))
     else:
-        say(f"capacity: no level passed" + (f" ({'; '.join(cap['first_failure'] or [])})" if cap.get("first_failure") else ""))
+        say("capacity: no level passed" + (f" ({'; '.join(cap['first_failure'] or [])})" if cap.get("first_failure") else ""))
     if cap.get("inconclusive"):
         say("  NOTE: " + cap["inconclusive"])
     if cap.get("noisy"):

@@ -1,10 +1,10 @@
-"""A/B of two checkouts of the bridge in one session: `python -m bench --ab DIR`.
+"""A/B of checkouts of the bridge in one session: `python -m bench --ab DIR[,DIR...]`.
 
 Why: on these noisy VMs only figures measured side by side compare. This runs the same
-traffic through the bridge of this tree (B, "new") and of the checkout DIR (A, "old", e.g. a
-`git worktree` of an earlier commit), alternating A, B, A, B, ... per level, plus one direct
-baseline per level; it reports per variant the median over rounds of the bridge's CPU per call,
-CPU per frame and the added latency percentiles, and the B/A ratio of each.
+traffic through the bridge of each older checkout (A, B, ..., e.g. `git worktree`s of earlier
+commits) and of this tree (the last letter), alternating per round and level, plus one direct
+baseline per level; it reports per variant the median over rounds of the bridge's CPU, CPU per
+call and the added latency percentiles, and each variant's ratio to A.
 
 Each run is a full `orchestrate.run_level`: a fresh bridge process on CPU 0, the picows
 generator on CPU 1, every frame stamped and checked exactly once, in order, byte-exact.
@@ -43,47 +43,52 @@ def _median(rows: list[dict], key: str) -> float | None:
     return round(statistics.median(vals), 3) if vals else None
 
 
-def run_ab(opts: orch.Opts, base_dir: Path, levels: list[int], rounds: int,
+def run_ab(opts: orch.Opts, bases: list[Path], levels: list[int], rounds: int,
            say: Callable[[str], None]) -> dict[str, Any]:
-    new_dir = orch.REPO
-    out: dict[str, Any] = {"a": str(base_dir), "b": str(new_dir), "rounds": rounds, "levels": {}}
+    """`bases` are the older checkouts (A, B, ...); this tree is the last variant."""
+    variants = [(chr(ord("A") + i), d) for i, d in enumerate(bases)]
+    variants.append((chr(ord("A") + len(bases)), orch.REPO))
+    out: dict[str, Any] = {"variants": {n: str(d) for n, d in variants}, "rounds": rounds,
+                           "levels": {}}
+    keys = ("bridge_cpu_pct", "cpu_pct_per_call", "added_up_p50_us", "added_up_p99_us",
+            "added_down_p50_us", "added_down_p99_us", "rss_per_call_kib")
     for calls in levels:
         d = orch.run_level(replace(opts, window_s=min(opts.window_s, 5.0)), "direct", calls)
         say(f"  direct {calls} calls: up p50/p99 {d.get('up_us', {}).get('p50')}/"
             f"{d.get('up_us', {}).get('p99')} µs")
-        rows: dict[str, list[dict]] = {"a": [], "b": []}
+        rows: dict[str, list[dict]] = {n: [] for n, _ in variants}
         for i in range(rounds):
-            for name, src in (("a", base_dir), ("b", new_dir)):
+            for name, src in variants:
                 r = orch.run_level(replace(opts, bridge_dir=src), "bridge", calls)
                 row = _row(r, d, calls)
                 rows[name].append(row)
-                say(f"  round {i + 1} {name.upper()} {calls} calls: CPU {row['bridge_cpu_pct']} %, "
+                say(f"  round {i + 1} {name} {calls} calls: CPU {row['bridge_cpu_pct']} %, "
                     f"added up p50/p99 {row['added_up_p50_us']}/{row['added_up_p99_us']} µs, "
                     f"down {row['added_down_p50_us']}/{row['added_down_p99_us']} µs, "
                     f"steal {row['steal_pct']} %"
                     + (f"  VIOLATIONS {row['violations']}" if row["violations"] else ""))
-        keys = ("bridge_cpu_pct", "cpu_pct_per_call", "added_up_p50_us", "added_up_p99_us",
-                "added_down_p50_us", "added_down_p99_us", "rss_per_call_kib")
-        summary = {name: {k: _median(rows[name], k) for k in keys} for name in rows}
-        summary["b_over_a"] = {k: (round(summary["b"][k] / summary["a"][k], 3)
-                                   if summary["a"][k] and summary["b"][k] is not None else None)
-                               for k in keys}
-        out["levels"][calls] = {"runs": rows, "median": summary,
+        median = {name: {k: _median(rows[name], k) for k in keys} for name in rows}
+        first = variants[0][0]
+        ratio = {name: {k: (round(median[name][k] / median[first][k], 3)
+                            if median[first][k] and median[name][k] is not None else None)
+                        for k in keys} for name in rows if name != first}
+        out["levels"][calls] = {"runs": rows, "median": median, f"over_{first}": ratio,
                                 "violations": any(x["violations"] for v in rows.values() for x in v)}
     return out
 
 
 def table(res: dict[str, Any]) -> str:
-    lines = [f"A = {res['a']}", f"B = {res['b']}",
-             f"{'calls':>6} {'variant':>8} {'CPU %':>7} {'CPU %/call':>11} {'up p50':>8} {'up p99':>8} "
-             f"{'down p50':>9} {'down p99':>9} {'RSS/call':>9}   (added µs, medians of {res['rounds']} runs)"]
+    names = list(res["variants"])
+    first = names[0]
+    lines = [f"{n} = {d}" for n, d in res["variants"].items()]
+    lines.append(f"{'calls':>6} {'variant':>8} {'CPU %':>7} {'CPU %/call':>11} {'up p50':>8} {'up p99':>8} "
+                 f"{'down p50':>9} {'down p99':>9} {'RSS/call':>9}   (added µs, medians of {res['rounds']} runs)")
     for calls, lv in res["levels"].items():
-        for name in ("a", "b", "b_over_a"):
-            m = lv["median"][name]
-            f = (lambda v: "-" if v is None else f"{v:.3f}") if name == "b_over_a" else \
-                (lambda v: "-" if v is None else f"{v:.1f}")
-            lines.append(f"{calls:>6} {name.upper() if name != 'b_over_a' else 'B/A':>8} "
-                         f"{f(m['bridge_cpu_pct']):>7} {f(m['cpu_pct_per_call']):>11} "
+        rows = [(n, lv["median"][n], "{:.1f}") for n in names]
+        rows += [(f"{n}/{first}", lv[f"over_{first}"][n], "{:.3f}") for n in names[1:]]
+        for label, m, fmt in rows:
+            f = (lambda v, fmt=fmt: "-" if v is None else fmt.format(v))
+            lines.append(f"{calls:>6} {label:>8} {f(m['bridge_cpu_pct']):>7} {f(m['cpu_pct_per_call']):>11} "
                          f"{f(m['added_up_p50_us']):>8} {f(m['added_up_p99_us']):>8} "
                          f"{f(m['added_down_p50_us']):>9} {f(m['added_down_p99_us']):>9} "
                          f"{f(m['rss_per_call_kib']):>9}")
