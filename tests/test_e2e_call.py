@@ -120,6 +120,6 @@ async def test_tcp_nodelay_on_both_sockets():
         assert await wait_for(lambda: any(c.up is not None for c in bridge.calls), 5.0)
         [call] = bridge.calls
         for end in (call.ac, call.up):
-            sock = end._ws.transport.get_extra_info("socket")
+            sock = end.extra_info("socket")
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         await task

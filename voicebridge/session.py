@@ -677,11 +677,7 @@ class CallSession:
     def _on_error(self, err: rt.ErrorDetail, now_ns: int) -> None:
         self.counters.openai_errors += 1
         code = clip(err.code or "none", ID_CHARS)
-        errors = self.stats.errors
-        if code in errors or len(errors) < 64:  # a bounded label set
-            errors[code] = errors.get(code, 0) + 1
-        else:
-            errors["other"] = errors.get("other", 0) + 1
+        self.stats.count_error(code)
         kind = rt.classify_error(err.code)
         fields = dict(code=code, error_type=clip(err.type, ID_CHARS), message=clip(err.message),
                       param=clip(err.param, ID_CHARS), client_event_id=clip(err.event_id, ID_CHARS))

@@ -364,8 +364,12 @@ class Stats:
         return {name: getattr(self, name) for name in COUNTERS}
 
     def count_error(self, code: str) -> None:
-        """One more OpenAI error event with `code`."""
-        self.errors[code] = self.errors.get(code, 0) + 1
+        """One more OpenAI error event with `code` (at most 64 codes; later new ones count as
+        "other": the code comes from the upstream, and each is a metric label)."""
+        errors = self.errors
+        if code not in errors and len(errors) >= 64:
+            code = "other"
+        errors[code] = errors.get(code, 0) + 1
 
     def count_call_end(self, reason: str) -> None:
         """One more call ended for `reason`."""

@@ -305,9 +305,9 @@ class FastEndpoint(asyncio.Protocol):
         """`base.Conn`: the socket is closing or gone."""
         return self.transport is None or self.transport.is_closing()
 
-    @property
-    def _ws(self) -> "FastEndpoint":  # tests reach the socket through `endpoint._ws.transport`
-        return self
+    def extra_info(self, name: str) -> Any:
+        """The transport's `get_extra_info(name)` (e.g. "socket", "peername"); None once gone."""
+        return self.transport.get_extra_info(name) if self.transport else None
 
 
 # FastServer's own hooks, in websockets' types (`listen` adapts them to `base`'s)

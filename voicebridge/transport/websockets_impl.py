@@ -186,6 +186,10 @@ class WsEndpoint:
     def remote_address(self) -> Any:
         return self._ws.remote_address
 
+    def extra_info(self, name: str) -> Any:
+        transport = self._ws.transport
+        return transport.get_extra_info(name) if transport is not None else None
+
 
 def _response(r: HttpResponse) -> Response:
     return Response(r.status, r.reason, Headers(r.headers), r.body)
