@@ -45,8 +45,11 @@ def logs() -> LogCapture:
 def bridge_config(fake: FakeRealtimeServer, **sections: dict[str, Any]) -> Config:
     over: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": 0, "admin_port": 0, "transport": TRANSPORT.get()},
-        "openai": {"url": f"ws://127.0.0.1:{fake.port}/v1/realtime", "connect_timeout_s": 3.0},
-        "call": {"hangup_grace_s": 2.0},
+        "openai": {"url": f"ws://127.0.0.1:{fake.port}/v1/realtime", "connect_timeout_s": 3.0,
+                   "connect_budget_s": 3.0},
+        # a dropped socket ends its call at once, as before session.resume existed; the resume
+        # tests set a grace themselves
+        "call": {"hangup_grace_s": 2.0, "resume_grace_s": 0},
     }
     for name, values in sections.items():
         over.setdefault(name, {}).update(values)

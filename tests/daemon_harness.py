@@ -316,6 +316,8 @@ def daemon_env(fake_port: int, port: int, admin_port: int | None, extra: dict[st
         "VOICEBRIDGE_OPENAI_CONNECT_TIMEOUT_S": "3",
         "VOICEBRIDGE_OPENAI_INSTRUCTIONS": json.dumps(INSTRUCTIONS),
         "VOICEBRIDGE_CALL_HANGUP_GRACE_S": "2",
+        "VOICEBRIDGE_OPENAI_CONNECT_BUDGET_S": "3",
+        "VOICEBRIDGE_CALL_RESUME_GRACE_S": "0",   # a dropped socket ends its call at once
         "PYTHONUNBUFFERED": "1",
     })
     if admin_port is not None:

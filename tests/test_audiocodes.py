@@ -80,7 +80,10 @@ def test_garbage_first_frame_gets_session_error():
 
 def test_resume_unknown_conversation():
     p = ac.AcProtocol()
-    assert isinstance(p.receive('{"type":"session.resume","conversationId":"zz"}'), ac.Rejected)
+    ev = p.receive('{"type":"session.resume","conversationId":"zz"}')
+    assert isinstance(ev, ac.SessionResume) and out(p) == []   # the call decides
+    p.refuse_resume()
+    assert p.state is ac.AcState.ENDING
     assert out(p) == [{"type": "session.error", "reason": "conversation not found",
                        "conversationId": "zz"}]
 

@@ -59,7 +59,7 @@ class MemEnd:
 
 
 def config(**sections: dict):
-    over: dict = {"call": {"hangup_grace_s": 1.0}}
+    over: dict = {"call": {"hangup_grace_s": 1.0, "resume_grace_s": 0}}
     for k, v in sections.items():
         over.setdefault(k, {}).update(v)
     return load_config(None, env={"VOICEBRIDGE_TOKEN": "t"}, overrides=over)[0]

@@ -138,7 +138,10 @@ async def test_openai_refuses_caller_is_hung_up(status, logs):
 
 
 async def test_openai_closes_mid_response(logs):
-    async with running(fast_fake(close_after_deltas=3, reply_ms=[2000])) as (fake, bridge):
+    """With reconnecting off (see test_e2e_recovery.py for the default), a lost OpenAI socket
+    hangs up with a reason after closing the open play stream."""
+    async with running(fast_fake(close_after_deltas=3, reply_ms=[2000]),
+                       openai={"reconnect": False}) as (fake, bridge):
         res = await run_call(CallerConfig(url=vaic_url(bridge), token=TOKEN,
                                           script=[Speak(600), WaitForBot(5000), Silence(3000)]))
     assert res.end_reason == "bot-hangup" and res.violations == []
@@ -148,7 +151,8 @@ async def test_openai_closes_mid_response(logs):
 
 
 async def test_openai_session_expired_is_fatal(logs):
-    async with running(fast_fake(session_limit_s=0.8)) as (fake, bridge):
+    """With reconnecting off, session_expired ends the call (by default it rotates instead)."""
+    async with running(fast_fake(session_limit_s=0.8), openai={"reconnect": False}) as (fake, bridge):
         res = await run_call(CallerConfig(url=vaic_url(bridge), token=TOKEN, script=[Silence(4000)]))
         assert await fake.wait_closed_all(2.0)
     assert res.end_reason == "bot-hangup"

@@ -240,7 +240,9 @@ class AcProtocol:
 
     Transitions:
         WAIT_INITIATE --session.initiate--> (caller decides: accept() -> ACTIVE | reject() -> ENDING)
-        WAIT_INITIATE --session.resume-->    ENDING (session.error: conversation not found)
+        WAIT_INITIATE --session.resume-->    (caller decides: the call it names takes this socket
+                                             over, or refuse_resume() -> ENDING with session.error)
+        ACTIVE        --resumed()-->         ACTIVE on a new socket (session.accepted again)
         WAIT_INITIATE --other-->             ENDING (session.error: expected session.initiate)
         ACTIVE        --session.end-->       ENDED
         ACTIVE        --request_hangup()-->  ENDING
@@ -312,10 +314,8 @@ class AcProtocol:
                 self.participant = msg.participant
                 return msg
             if isinstance(msg, SessionResume):
-                self._out.append(encode(SessionError(
-                    reason="conversation not found", conversationId=msg.conversationId or None)))
-                self.state = AcState.ENDING
-                return Rejected("session.resume for a conversation this bridge does not hold")
+                self.conversation_id = msg.conversationId
+                return msg
             return self._reject_first(
                 f"expected session.initiate first, got {msg.__struct_config__.tag}")
         if t is SessionEnd:
@@ -344,6 +344,19 @@ class AcProtocol:
         self.state = AcState.ACTIVE
         self.media_format = media_format
         self._out.append(encode(SessionAccepted(mediaFormat=media_format)))
+
+    def refuse_resume(self) -> None:
+        """session.resume for a conversation this bridge does not hold (or no longer)."""
+        self.reject("conversation not found")
+
+    def resumed(self) -> None:
+        """This call's conversation continues on a new VAIC socket: accept it again. The new
+        socket has no play stream and no user stream yet."""
+        if self.state is not AcState.ACTIVE:
+            raise RuntimeError(f"resumed() in state {self.state.value}")
+        self.stream_id = None
+        self.user_streaming = False
+        self._out.append(encode(SessionAccepted(mediaFormat=self.media_format)))
 
     def reject(self, reason: str) -> None:
         self._out.append(encode(SessionError(reason=reason, conversationId=self.conversation_id or None)))

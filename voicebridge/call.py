@@ -23,11 +23,14 @@ from typing import Any, Awaitable, Callable, Coroutine
 from .config import Config, Secrets
 from .log import exc_fields, get_logger
 from .session import (FORWARDED, CallSession, CloseOpenAI, CloseVaic, Dial, Finished, Log,
-                      Upstream)
+                      Resume, Upstream)
 from .stats import Stats
 from .transport import ConnectFailed, Endpoint, EndpointClosed, Limits, dial
 
 Dialer = Callable[..., Awaitable[Endpoint]]
+# the server's lookup for session.resume: the call waiting for `conversation_id` adopts the
+# endpoint and is returned, or None
+Resumer = Callable[[str, Endpoint], "Call | None"]
 VAIC_CLOSE_TIMEOUT_S = 2.0
 
 
@@ -41,19 +44,24 @@ class Call:
     """A call from its VAIC socket's upgrade to `call.end`. Use: `await Call(...).run()`."""
 
     def __init__(self, ac_end: Endpoint, cfg: Config, secrets: Secrets, *,
-                 dialer: Dialer = dial, call_id: str = "", stats: Stats | None = None) -> None:
+                 dialer: Dialer = dial, call_id: str = "", stats: Stats | None = None,
+                 resumer: Resumer | None = None) -> None:
         self.ac: Endpoint | None = ac_end
         self.up: Endpoint | None = None
         self.cfg = cfg
         self.stats = stats if stats is not None else Stats()
         self.session = CallSession(cfg, secrets, self.stats, monotonic_ns(), call_id)
         self._dialer = dialer
+        self._resumer = resumer
+        self._attached = asyncio.Event()   # set when a VAIC socket is (re)attached or the call ends
+        self.done = asyncio.Event()        # set when the call is over and its sockets are closed
+        self._adopter: Call | None = None  # the call this socket was handed to (session.resume)
         self.log = get_logger(call_id=call_id) if call_id else get_logger()
         self._log_id = call_id
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
-        self._up_task: asyncio.Task[None] | None = None
+        self._up_tasks: set[asyncio.Task[None]] = set()
         self._closing: set[asyncio.Task[None]] = set()
         self._finished = False
         self._in_after = False
@@ -81,6 +89,8 @@ class Call:
             self._after()
         finally:
             await self._shutdown()
+        if self._adopter is not None:   # the socket lives on in the call that adopted it
+            await self._adopter.done.wait()
 
     def abort(self) -> None:
         """Abort both sockets at once (a forced shutdown); the pumps then end the call."""
@@ -94,15 +104,16 @@ class Call:
         sess.abandon("internal_error", "the call's shell stopped")   # no-op when it has ended
         self._after()
         self._finished = True
+        self._attached.set()
         if self._timer is not None:
             self._timer.cancel()
-        task = self._up_task
-        if task is not None and not task.done():
-            task.cancel()
-            try:
-                await task           # a dial completing now is aborted by the task itself
-            except BaseException:
-                pass
+        for task in list(self._up_tasks):
+            if not task.done():
+                task.cancel()
+                try:
+                    await task       # a dial completing now is aborted by the task itself
+                except BaseException:
+                    pass
         if self.up is not None:
             self._close_up(self.up)
         if self.ac is not None:  # both sides close at once, each bounded by its own timeout
@@ -113,7 +124,11 @@ class Call:
                 break
             await asyncio.gather(*pending, return_exceptions=True)
         self._rebind()
-        self.log.info("call.end", **sess.end_fields(monotonic_ns()))
+        if sess.end_reason == "handed_over":
+            self.log.info("call.resume_handoff")
+        else:
+            self.log.info("call.end", **sess.end_fields(monotonic_ns()))
+        self.done.set()
 
     # ------------------------------------------------------------------ caller -> model
     async def _pump_up(self) -> None:
@@ -122,8 +137,9 @@ class Call:
         record_up = self.stats.up_forward.record
         while not self._finished:
             ep = self.ac
-            if ep is None:       # detached: a swap is in progress
-                await asyncio.sleep(0.01)
+            if ep is None:       # detached: waiting for session.resume on a new socket
+                self._attached.clear()
+                await self._attached.wait()
                 continue
             try:
                 frame = await ep.recv()
@@ -131,8 +147,11 @@ class Call:
                 if self.ac is not ep or self._finished:   # swapped, or we closed it
                     continue
                 sess.vaic_lost(e.code, e.cause, monotonic_ns())
+                if sess.vaic_gone and not self._finished:   # kept for a resume
+                    self.ac = None
+                    ep.abort()
                 self._after()
-                return
+                continue
             t0 = monotonic_ns()
             out = vaic_frame(frame, t0)
             if out is not None:
@@ -156,7 +175,7 @@ class Call:
                                     max_size=o.max_message_bytes, close_timeout_s=o.close_timeout_s,
                                     limits=limits_of(self.cfg))
         except ConnectFailed as e:
-            sess.openai_connect_failed(e.reason, monotonic_ns())
+            sess.openai_connect_failed(e.reason, monotonic_ns(), e.status, e.retry_after_s)
             self._after()
             return
         except asyncio.CancelledError:
@@ -241,8 +260,18 @@ class Call:
             self._rebind()
             getattr(self.log, eff.level)(eff.event, **eff.fields)
         elif t is Dial:
-            self._up_task = self._loop.create_task(self._upstream(eff),
-                                                   name=f"upstream-{self.session.call_id}")
+            task = self._loop.create_task(self._upstream(eff), name=f"upstream-{self.session.call_id}")
+            self._up_tasks.add(task)
+            task.add_done_callback(self._up_tasks.discard)
+        elif t is Resume:
+            adopter = self._resumer(eff.conversation_id, self.ac) if (
+                self._resumer is not None and self.ac is not None) else None
+            if adopter is None:
+                self.session.resume_refused(monotonic_ns())
+            else:
+                self._adopter = adopter
+                self.ac = None          # the socket is the adopter's now
+                self.session.resume_handed_over()
         elif t is CloseOpenAI:
             up, self.up = self.up, None
             if up is not None:
@@ -251,6 +280,7 @@ class Call:
             pass                 # the VAIC socket is closed last, in _shutdown
         elif t is Finished:
             self._finished = True
+            self._attached.set()
             ac = self.ac
             if ac is not None:   # wakes the VAIC pump if it is waiting in recv()
                 self._track(self._close_vaic(ac))
@@ -306,13 +336,13 @@ class Call:
     async def swap_openai(self, new: Endpoint) -> None:
         """Replace the OpenAI socket mid-call; the session re-sends its configuration."""
         old, self.up = self.up, None
-        task = self._up_task
-        if task is not None and not task.done():
-            task.cancel()
-            try:
-                await task
-            except BaseException:
-                pass
+        for task in list(self._up_tasks):
+            if not task.done():
+                task.cancel()
+                try:
+                    await task
+                except BaseException:
+                    pass
         if old is not None:
             self._close_up(old)
         sess = self.session
@@ -320,7 +350,21 @@ class Call:
         self.up = new
         sess.openai_connected(monotonic_ns())
         self._after()
-        self._up_task = self._loop.create_task(self._pump_down(new))
+        task = self._loop.create_task(self._pump_down(new))
+        self._up_tasks.add(task)
+        task.add_done_callback(self._up_tasks.discard)
+
+    def adopt_vaic(self, new: Endpoint) -> None:
+        """session.resume: this call, waiting since its VAIC socket dropped, continues on `new`
+        (accepted again; the same OpenAI session)."""
+        self.ac = new
+        self.session.vaic_attached(monotonic_ns())
+        self._after()
+        self._attached.set()
+
+    @property
+    def waiting_for_resume(self) -> bool:
+        return self.ac is None and self.session.vaic_gone and not self._finished
 
     def swap_vaic(self, new: Endpoint) -> None:
         """Replace the VAIC socket mid-call (the same call, the same OpenAI session)."""

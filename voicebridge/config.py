@@ -71,6 +71,9 @@ class OpenAIConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     azure_endpoint: str = ""
     azure_deployment: str = ""
     connect_timeout_s: float = 5.0
+    connect_budget_s: float = 10.0     # all dial attempts of one (re)connect, back-off included
+    reconnect: bool = True             # a lost OpenAI socket mid-call is replaced, the call goes on
+    rotate_after_s: float = 3300.0     # a new session at the next pause before the 60-minute cap
     session_timeout_s: float = 5.0
     close_timeout_s: float = 1.0
     max_message_bytes: int = 16 * 1024 * 1024
@@ -104,6 +107,7 @@ class CallConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     hangup_grace_s: float = 5.0
     initiate_timeout_s: float = 10.0
     idle_timeout_s: float = 60.0
+    resume_grace_s: float = 10.0       # a dropped VAIC socket may session.resume within this
 
 
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -231,6 +235,11 @@ def _check(cfg: Config, secrets: Secrets) -> None:
          "must differ from server.port")
     need(0 <= s.metrics_cache_s <= 60, "server.metrics_cache_s", "must be within 0..60")
     need(o.session_timeout_s > 0, "openai.session_timeout_s", "must be > 0")
+    need(o.connect_budget_s >= o.connect_timeout_s, "openai.connect_budget_s",
+         "must be at least openai.connect_timeout_s")
+    need(0 < o.rotate_after_s <= 3540, "openai.rotate_after_s",
+         "must be within (0, 3540]: OpenAI ends a session after 60 minutes")
+    need(0 <= cfg.call.resume_grace_s <= 120, "call.resume_grace_s", "must be within 0..120")
     need(a.max_frame_ms >= 100, "audio.max_frame_ms", "must be >= 100")
     need(a.max_delta_ms >= 1000, "audio.max_delta_ms", "must be >= 1000")
     need(cfg.call.initiate_timeout_s > 0, "call.initiate_timeout_s", "must be > 0")

@@ -164,6 +164,8 @@ FATAL_ERROR_CODES = frozenset({
     "session_expired", "invalid_api_key", "insufficient_quota", "invalid_intent",
     "model_not_found", "session_not_found",
 })
+# fatal for the session, not for the call: a new session continues the conversation
+SESSION_ENDING_CODES = frozenset({"session_expired", "session_not_found"})
 
 
 def classify_error(code: str | None) -> str:
@@ -228,6 +230,18 @@ def instructions_update(instructions: str) -> str:
 def response_create(instructions: str) -> str:
     return _encoder.encode({"type": "response.create",
                             "response": {"instructions": instructions}}).decode()
+
+
+def response_retry() -> str:
+    """A plain `response.create`: the turn's response failed, try once more."""
+    return '{"type":"response.create"}'
+
+
+def conversation_item(role: str, text: str) -> str:
+    """`conversation.item.create` of one past turn as text (re-seeding a new session)."""
+    part = {"type": "input_text" if role == "user" else "output_text", "text": text}
+    return _encoder.encode({"type": "conversation.item.create",
+                            "item": {"type": "message", "role": role, "content": [part]}}).decode()
 
 
 def response_cancel() -> str:

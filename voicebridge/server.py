@@ -122,7 +122,8 @@ class Bridge:
                                  [("WWW-Authenticate", "Bearer")])
         if self._stopping.is_set():
             return self._refuse("shutting_down", "the bridge is shutting down")
-        if len(self.calls) + self._n_reserved() >= self.max_calls:
+        # a call waiting for its session.resume is not counted: that resume must get through
+        if len(self.calls) - self._waiting() + self._n_reserved() >= self.max_calls:
             return self._refuse("max_calls", f"at capacity ({self.max_calls} calls)")
         self._reserved.add(request.conn)   # released when the call starts, or by process_response
         return None
@@ -182,15 +183,29 @@ class Bridge:
     # ------------------------------------------------------------------ per connection
     async def _handler(self, end: Endpoint, conn: Conn) -> None:
         self._reserved.discard(conn)
-        call = Call(end, self.cfg, self.secrets, dialer=self.dialer, stats=self.stats)
+        call = Call(end, self.cfg, self.secrets, dialer=self.dialer, stats=self.stats,
+                    resumer=self._resume)
         self.calls.add(call)
-        self.stats.calls_active += 1
+        self.stats.calls_active = len(self.calls)
         try:
             await call.run()
         finally:
-            self.stats.calls_active -= 1
             self.calls.discard(call)
-            self.finished.append(call)
+            self.stats.calls_active = len(self.calls)
+            if call.session.end_reason != "handed_over":
+                self.finished.append(call)
+
+    def _resume(self, conversation_id: str, end: Endpoint) -> Call | None:
+        """session.resume on a new socket: the call waiting for that conversation adopts it.
+        The socket that carried the resume then stops counting as a call of its own."""
+        for call in self.calls:
+            if call.waiting_for_resume and call.session.call_id == conversation_id:
+                call.adopt_vaic(end)
+                return call
+        return None
+
+    def _waiting(self) -> int:
+        return sum(1 for c in self.calls if c.waiting_for_resume)
 
     # ------------------------------------------------------------------ lifecycle
     def _size_for_descriptors(self) -> None:

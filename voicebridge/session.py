@@ -53,6 +53,10 @@ from .playout import CHUNK, Playout, Taken, piece_chars, split_b64
 from .stats import Histogram, Stats
 
 _LOG_FIRST_N = 5                 # per call, for repeated bad-input log lines
+MAX_RECONNECTS = 10              # per call: a session that keeps dying ends the call
+MAX_TURNS = 40                   # transcripts kept to re-seed a new session (each clipped)
+TURN_CHARS = 2000
+ROTATE_RECHECK_NS = 250_000_000  # rotation is due but no pause yet: look again this often
 _DECLINE_CLOSE_NS = 2_000_000_000  # after session.error, VAIC closes; if not, we do after this
 NS = 1_000_000_000
 
@@ -88,7 +92,15 @@ class Finished(NamedTuple):
     reason: str
 
 
-Effect = Dial | CloseOpenAI | CloseVaic | Log | Finished
+class Resume(NamedTuple):
+    """This socket asks to continue `conversation_id`: hand it to that call if one is waiting
+    for it (`CallSession.vaic_attached` there), else call `resume_refused` here."""
+    conversation_id: str
+
+
+Effect = Dial | CloseOpenAI | CloseVaic | Log | Finished | Resume
+
+BACKOFF_NS = (250_000_000, 500_000_000, 1_000_000_000, 2_000_000_000)  # then 2 s each
 
 # ------------------------------------------------------------------------------------ state
 
@@ -103,6 +115,7 @@ class Phase(enum.Enum):
 class Upstream(enum.Enum):
     IDLE = "idle"               # not dialled yet
     DIALLING = "dialling"
+    BACKOFF = "backoff"         # a dial failed in a way worth retrying: waiting to dial again
     CONFIGURING = "configuring"  # socket open, session.update sent: audio flows
     READY = "ready"             # session.created and session.updated received
     LOST = "lost"               # the socket is gone (or closed by us)
@@ -123,6 +136,7 @@ PHASE_TRANSITIONS: dict[tuple[Phase, str], Phase] = {
     (Phase.ACTIVE, "hangup"): Phase.ENDING,
     (Phase.ACTIVE, "session_end"): Phase.ENDED,
     (Phase.ACTIVE, "vaic_lost"): Phase.ENDED,
+    (Phase.ACTIVE, "grace_expired"): Phase.ENDED,     # a dropped VAIC never resumed
     (Phase.ENDING, "session_end"): Phase.ENDED,
     (Phase.ENDING, "vaic_lost"): Phase.ENDED,
     (Phase.ENDING, "timeout"): Phase.ENDED,
@@ -132,6 +146,9 @@ UPSTREAM_TRANSITIONS: dict[tuple[Upstream, str], Upstream] = {
     (Upstream.LOST, "dial"): Upstream.DIALLING,       # a new socket for the same call
     (Upstream.DIALLING, "connected"): Upstream.CONFIGURING,
     (Upstream.DIALLING, "failed"): Upstream.LOST,
+    (Upstream.DIALLING, "retry"): Upstream.BACKOFF,   # a retryable failure: wait, dial again
+    (Upstream.BACKOFF, "dial"): Upstream.DIALLING,
+    (Upstream.BACKOFF, "lost"): Upstream.LOST,        # the call ended while waiting
     (Upstream.CONFIGURING, "session_ready"): Upstream.READY,
     (Upstream.CONFIGURING, "lost"): Upstream.LOST,
     (Upstream.READY, "lost"): Upstream.LOST,
@@ -222,6 +239,19 @@ class CallSession:
         self._session_deadline = 0
         self._close_deadline = 0       # ENDING: give VAIC this long, then close it ourselves
         self.vaic_gone = False         # between vaic_detached and vaic_attached
+        self._resume_deadline = 0      # a dropped VAIC socket may resume until then
+        self._detached_ns = 0
+        # the OpenAI side across sockets: retries, reconnects, rotation, re-seeding
+        self._dial_attempt = 0
+        self._dial_budget_end = 0
+        self._redial_at = 0
+        self._reconnects = 0
+        self._replacing = ""           # why the session is being replaced ("" for the first)
+        self._lost_ns = 0
+        self._rotate_at = 0
+        self._speaking = False
+        self._turns: deque[tuple[str, str]] = deque(maxlen=MAX_TURNS)
+        self._retried_turn = False
 
     # ================================================================== small helpers
     def _log(self, level: str, event: str, **fields: Any) -> None:
@@ -353,6 +383,9 @@ class CallSession:
         t = type(ev)
         if t is ac.SessionInitiate:
             self._begin(ev, now_ns)
+        elif t is ac.SessionResume:
+            self.call_id = clip(ev.conversationId, ID_CHARS)
+            self.effects.append(Resume(self.call_id))
         elif t is ac.Validate:   # answered by the protocol; a socket for it carries no call
             if self.phase is Phase.INITIATING:
                 self._set_end("validate", "connection.validate answered")
@@ -448,8 +481,18 @@ class CallSession:
             self._log_once(f"activity:{name}", "call.activity_ignored", name=name)
 
     def vaic_lost(self, code: int | None, cause: str | None, now_ns: int) -> None:
-        """The VAIC socket ended (the call ends; resume is the faults issue's business)."""
+        """The VAIC socket ended. Dropped by VAIC without `session.end` during a call (not by
+        our own doing): the call waits `call.resume_grace_s` for a `session.resume`, keeping
+        its OpenAI session. Otherwise the call ends."""
         if self.phase is Phase.ENDED:
+            return
+        grace_s = self.cfg.call.resume_grace_s
+        if (self.phase is Phase.ACTIVE and cause is None and grace_s > 0 and not self.vaic_gone
+                and not self.end_reason):
+            self.vaic_detached(now_ns)
+            self._detached_ns = now_ns
+            self._resume_deadline = now_ns + int(grace_s * NS)
+            self._log("warning", "call.vaic_detached", code=code, resume_grace_s=grace_s)
             return
         self._set_end(VAIC_END_REASONS.get(cause, "vaic_closed"), f"code={code}")
         self._go("vaic_lost")
@@ -457,20 +500,51 @@ class CallSession:
 
     def vaic_detached(self, now_ns: int) -> None:
         """The VAIC socket is gone but the call is kept (a new one will be attached): the prompt
-        that was playing is truncated at what was heard, pending audio dropped; nothing is
-        produced for VAIC until `vaic_attached`."""
+        that was playing is truncated at what was heard (its response cancelled), pending audio
+        dropped; nothing is produced for VAIC until `vaic_attached`."""
         self.vaic_gone = True
+        if self.active_response is not None:
+            self.cancelled.add(self.active_response)
+            if self.up_ready:
+                self.to_openai.append(rt.response_cancel())
         self._interrupt(now_ns, speech=False)
         self.to_vaic.clear()       # no socket to send them on; the stream is over
 
     def vaic_attached(self, now_ns: int) -> None:
-        """A new VAIC socket carries this call: playout starts afresh with the next item."""
+        """A new VAIC socket carries this call: it is accepted again (for a `session.resume`),
+        and playout starts afresh with the next item."""
         self.vaic_gone = False
         self._last_audio_ns = now_ns
+        if self._resume_deadline:
+            self._resume_deadline = 0
+            self.proto.resumed()
+            self._log("info", "call.resumed", gap_ms=round((now_ns - self._detached_ns) / 1e6, 1))
+
+    def resume_refused(self, now_ns: int) -> None:
+        """This socket's `session.resume` names no call waiting for one."""
+        self.proto.refuse_resume()
+        self.stats.calls_rejected += 1
+        self._set_end("rejected", "session.resume for a conversation this bridge does not hold")
+        self._log("warning", "call.resume_refused", conversation_id=self.call_id)
+        self._decline_close(now_ns)
+
+    def resume_handed_over(self) -> None:
+        """This socket now carries another call (its `session.resume` was accepted there):
+        nothing of this session remains, and it is not a call of its own."""
+        self.end_reason = "handed_over"
+        self.phase = Phase.ENDED          # not a call: no table transition, no call.end
+        self.effects.append(Finished("handed_over"))
 
     # ================================================================== OpenAI side
     def _dial(self, now_ns: int) -> None:
+        """The first attempt of a (re)connect: its retries share `openai.connect_budget_s`."""
+        self._dial_attempt = 0
+        self._dial_budget_end = now_ns + int(self.cfg.openai.connect_budget_s * NS)
+        self._dial_now(now_ns)
+
+    def _dial_now(self, now_ns: int) -> None:
         self._up("dial")
+        self._dial_attempt += 1
         self._t_dial_ns = now_ns
         url, headers = rt.target(self.cfg.openai, self.secrets)
         self.effects.append(Dial(url, headers))
@@ -483,10 +557,27 @@ class CallSession:
         self._up("dial")
         self._t_dial_ns = now_ns
 
-    def openai_connect_failed(self, reason: str, now_ns: int) -> None:
-        if self.upstream is Upstream.DIALLING:
-            self._up("failed")
-        self._fail("openai_connect_failed", reason, now_ns)
+    def openai_connect_failed(self, reason: str, now_ns: int, status: int | None = None,
+                              retry_after_s: float | None = None) -> None:
+        """A dial failed. Network errors, 5xx and 429 are retried with back-off (a 429's
+        Retry-After honoured) while `openai.connect_budget_s` lasts; 4xx others are not."""
+        if self.upstream is not Upstream.DIALLING:
+            return
+        if self.phase is Phase.ACTIVE and (status is None or status >= 500 or status == 429):
+            n = self._dial_attempt
+            wait = BACKOFF_NS[min(n - 1, len(BACKOFF_NS) - 1)]
+            if status == 429 and retry_after_s is not None:
+                wait = int(retry_after_s * NS)
+            if now_ns + wait < self._dial_budget_end:
+                self._up("retry")
+                self._redial_at = now_ns + wait
+                self._log("warning", "call.openai_retry", attempt=n, status=status,
+                          wait_ms=wait // 1_000_000, reason=clip(reason))
+                return
+        self._up("failed")
+        n = self._dial_attempt
+        self._fail("openai_connect_failed", reason if n == 1 else f"{reason} (after {n} attempts)",
+                   now_ns)
 
     def openai_connected(self, now_ns: int) -> None:
         """The OpenAI socket is open: configure it and flush what the caller said meanwhile."""
@@ -497,11 +588,21 @@ class CallSession:
             self.openai_connect_ms = round(connect_us / 1000, 1)
             self._session_seen = 0
             self._session_deadline = now_ns + int(self.cfg.openai.session_timeout_s * NS)
+            self._rotate_at = now_ns + int(self.cfg.openai.rotate_after_s * NS)
             neg = self._neg
             assert neg is not None
             out = self.to_openai
             out.append(rt.session_update(self.cfg.openai, neg.openai_format, neg.openai_format,
                                          self._instructions()))
+            replacing, self._replacing = self._replacing, ""
+            if replacing:     # the conversation so far, as text, before any new audio
+                for role, text in self._turns:
+                    out.append(rt.conversation_item(role, text))
+                self._log("info", "call.openai_rotated" if replacing == "rotation"
+                          else "call.openai_reconnected",
+                          gap_ms=round((now_ns - self._lost_ns) / 1e6, 1),
+                          attempts=self._dial_attempt, reseeded_items=len(self._turns),
+                          early_frames=len(self._early), why=replacing)
             prefix, suffix = self._app_prefix, self._app_suffix
             st = self.stats
             while self._early:  # forwarded in order, not timed: they waited for the connect
@@ -510,9 +611,10 @@ class CallSession:
                 st.frames_up += 1
                 st.bytes_up += len(payload)
             self._early_ms = 0.0
-            self._log("info", "call.upstream_ready", connect_ms=self.openai_connect_ms,
-                      early_frames=self.counters.early_buffered)
-            if self._start_seen:
+            if not replacing:
+                self._log("info", "call.upstream_ready", connect_ms=self.openai_connect_ms,
+                          early_frames=self.counters.early_buffered)
+            if self._start_seen and not replacing:
                 self._after_start()
             elif self.cfg.openai.greeting and not self._greeted:
                 self._greet_deadline = now_ns + self.cfg.call.start_wait_ms * 1_000_000
@@ -520,13 +622,41 @@ class CallSession:
             self._internal_error(e, now_ns)
 
     def openai_lost(self, code: int | None, cause: str | None, reason: str, now_ns: int) -> None:
-        """The OpenAI socket ended (or failed to send): without it the call cannot go on."""
-        if self.upstream in (Upstream.CONFIGURING, Upstream.READY, Upstream.DIALLING):
+        """The OpenAI socket ended without our asking: a new session continues the call
+        (`openai.reconnect`), or the call ends."""
+        was = self.upstream
+        if was in (Upstream.CONFIGURING, Upstream.READY, Upstream.DIALLING):
             self._up("lost")
         if self.phase is not Phase.ACTIVE:
             return
         how = f" ({cause.replace('_', ' ')})" if cause else ""
-        self._fail("openai_closed", f"code={code}{how} reason={clip(reason, ID_CHARS)}", now_ns)
+        detail = f"code={code}{how} reason={clip(reason, ID_CHARS)}"
+        if self.cfg.openai.reconnect and was in (Upstream.CONFIGURING, Upstream.READY):
+            self._reconnect(now_ns, "lost", detail)
+        else:
+            self._fail("openai_closed", detail, now_ns)
+
+    def _replace_session(self, now_ns: int, why: str, detail: str) -> None:
+        """Close the current OpenAI socket on purpose and continue on a new one."""
+        if self.upstream in (Upstream.CONFIGURING, Upstream.READY):
+            self._up("lost")
+            self.effects.append(CloseOpenAI(1000, why))
+        self._reconnect(now_ns, why, detail)
+
+    def _reconnect(self, now_ns: int, why: str, detail: str) -> None:
+        self._reconnects += 1
+        if self._reconnects > MAX_RECONNECTS:
+            self._fail("openai_closed", f"{detail} (after {MAX_RECONNECTS} reconnects)", now_ns)
+            return
+        if why != "rotation":
+            self._log("warning", "call.openai_lost", why=why, detail=clip(detail),
+                      reconnect=self._reconnects)
+        self._replacing = why
+        self._lost_ns = now_ns
+        self.active_response = None      # that session's response is gone with it
+        self._session_deadline = self._rotate_at = 0
+        self._item_oai_ms.clear()        # its items cannot be truncated in the new session
+        self._dial(now_ns)
 
     def _instructions(self) -> str:
         text = self.cfg.openai.instructions
@@ -621,6 +751,7 @@ class CallSession:
     def _openai_event(self, ev: Any, now_ns: int) -> None:
         t = type(ev)
         if t is rt.SpeechStartedEv:
+            self._speaking = True
             self._barge_in(now_ns)
         elif t is rt.AudioDone:
             if ev.response_id not in self.cancelled and self.phase is Phase.ACTIVE:
@@ -637,9 +768,12 @@ class CallSession:
                 self.active_response = None
             self.cancelled.discard(rid)
             if ev.response.status == "failed":
-                self._log("warning", "call.response_failed", response_id=rid,
-                          details=clip(ev.response.status_details))
+                self._response_failed(rid, ev.response.status_details, now_ns)
+            elif ev.response.status == "completed":
+                self._retried_turn = False
         elif t is rt.SpeechStoppedEv:
+            self._speaking = False
+            self._retried_turn = False
             self._t_speech_stop_ns = now_ns
             if self.phase is Phase.ACTIVE:
                 self.proto.speech_stopped()
@@ -648,7 +782,8 @@ class CallSession:
                 self.proto.speech_committed()
         elif t is rt.InputTranscriptCompleted:
             if ev.transcript and self.phase is Phase.ACTIVE:
-                self.proto.recognition(clip(ev.transcript, 2000))
+                self.proto.recognition(clip(ev.transcript, TURN_CHARS))
+                self._turns.append(("user", clip(ev.transcript, TURN_CHARS)))
         elif t is rt.ErrorEvent:
             self._on_error(ev.error, now_ns)
         elif t is rt.SessionCreated:
@@ -662,6 +797,8 @@ class CallSession:
         elif t is rt.TranscriptDone:
             self._log("debug", "call.assistant_said", item_id=clip(ev.item_id, ID_CHARS),
                       transcript=clip(ev.transcript))
+            if ev.transcript:
+                self._turns.append(("assistant", clip(ev.transcript, TURN_CHARS)))
         elif t is rt.OtherEvent:
             self._log_once(f"oai:{clip(ev.type, ID_CHARS)}", "call.openai_unknown_event",
                            type=clip(ev.type, ID_CHARS))
@@ -681,13 +818,41 @@ class CallSession:
         kind = rt.classify_error(err.code)
         fields = dict(code=code, error_type=clip(err.type, ID_CHARS), message=clip(err.message),
                       param=clip(err.param, ID_CHARS), client_event_id=clip(err.event_id, ID_CHARS))
-        if kind == "fatal":
+        if (err.code in rt.SESSION_ENDING_CODES and self.cfg.openai.reconnect
+                and self.phase is Phase.ACTIVE):
+            self._log("warning", "call.openai_error", **fields)
+            self._replace_session(now_ns, err.code or "session_expired", f"{code}: {clip(err.message, 120)}")
+        elif kind == "fatal":
             self._log("error", "call.openai_error_fatal", **fields)
             self._fail("openai_error", f"{code}: {clip(err.message, 120)}", now_ns)
         elif kind == "benign":
             self._log_first_n(f"oai_err:{code}", "call.openai_error_benign", "info", **fields)
         else:
             self._log_first_n(f"oai_err:{code}", "call.openai_error", **fields)
+
+    def _response_failed(self, rid: str, details: Any, now_ns: int) -> None:
+        """`response.done` with status failed: never a silent turn. Transient: one retry of the
+        turn's response; fatal (quota, key): the call ends."""
+        err = details.get("error") if isinstance(details, dict) else None
+        raw = (err.get("code") or err.get("type")) if isinstance(err, dict) else None
+        code = clip(raw or "unknown", ID_CHARS)
+        self.stats.count_error(code)
+        kind = rt.classify_error(code)
+        self._log("warning", "call.response_failed", response_id=rid, code=code, kind=kind)
+        if kind == "fatal":
+            self._fail("openai_error", f"{code}: a response failed", now_ns)
+        elif not self._retried_turn and self.up_ready and self.phase is Phase.ACTIVE:
+            self._retried_turn = True
+            self.to_openai.append(rt.response_retry())
+            self._log("info", "call.response_retry", code=code)
+        else:
+            self._fail("openai_response_failed", f"{code}: the retry failed too", now_ns)
+
+    def _pause(self, now_ns: int) -> bool:
+        """Nothing is being said either way: the moment to rotate the OpenAI session."""
+        po = self.playout
+        return (self.upstream is Upstream.READY and self.active_response is None
+                and not self._speaking and not po.pending and po.play_end_t * NS <= now_ns)
 
     def _check_session(self, session: dict[str, Any], now_ns: int) -> None:
         """Refuse to play audio in a format other than the one negotiated (garbage in the ear)."""
@@ -724,7 +889,9 @@ class CallSession:
         if intr.item_id is None or not intr.still_playing:
             return
         self.counters.barge_ins += 1
-        oai_ms = self._item_oai_ms.get(intr.item_id, 0.0)
+        if intr.item_id not in self._item_oai_ms:   # an item of a session since replaced
+            return
+        oai_ms = self._item_oai_ms[intr.item_id]
         end_ms = int(math.floor(max(0.0, min(intr.heard_ms, intr.sent_ms if intr.stream_open
                                                  else 0.0, oai_ms))))
         if self.up_ready:
@@ -774,7 +941,7 @@ class CallSession:
         best = 0
         for d in (self._initiate_deadline if self.phase is Phase.INITIATING else 0,
                   self._greet_deadline, self._session_deadline, self._close_deadline,
-                  self._idle_deadline()):
+                  self._idle_deadline(), self._redial_at, self._rotate_at, self._resume_deadline):
             if d and (not best or d < best):
                 best = d
         if self.phase is Phase.ACTIVE and self.playout.pending:
@@ -786,7 +953,7 @@ class CallSession:
         return best or None
 
     def _idle_deadline(self) -> int:
-        if self.phase is not Phase.ACTIVE:
+        if self.phase is not Phase.ACTIVE or self.vaic_gone:
             return 0
         quiet_from = max(self._last_audio_ns, int(self.playout.play_end_t * NS))
         return quiet_from + int(self.cfg.call.idle_timeout_s * NS)
@@ -814,6 +981,25 @@ class CallSession:
             return
         if self.phase is not Phase.ACTIVE:
             return
+        if self._resume_deadline and now_ns >= self._resume_deadline:
+            self._resume_deadline = 0
+            self._set_end("resume_grace_expired",
+                          f"no session.resume within {self.cfg.call.resume_grace_s:g} s")
+            self._log("warning", "call.resume_grace_expired")
+            self._go("grace_expired")
+            self._end_now()
+            return
+        if self._redial_at and now_ns >= self._redial_at:
+            self._redial_at = 0
+            if self.upstream is Upstream.BACKOFF:
+                self._dial_now(now_ns)
+        if self._rotate_at and now_ns >= self._rotate_at:
+            if self._pause(now_ns):
+                self._log("info", "call.openai_rotating",
+                          after_s=self.cfg.openai.rotate_after_s)
+                self._replace_session(now_ns, "rotation", "rotate_after_s")
+            else:
+                self._rotate_at = now_ns + ROTATE_RECHECK_NS
         self._pump(now_ns, True)
         if self._greet_deadline and now_ns >= self._greet_deadline:
             self._greet()
@@ -852,7 +1038,9 @@ class CallSession:
         self._close_openai()
 
     def _close_openai(self) -> None:
-        if self.upstream in (Upstream.CONFIGURING, Upstream.READY, Upstream.DIALLING):
+        self._redial_at = self._rotate_at = 0
+        if self.upstream in (Upstream.CONFIGURING, Upstream.READY, Upstream.DIALLING,
+                             Upstream.BACKOFF):
             self._up("lost")
             self.effects.append(CloseOpenAI(1000, "call ended"))
 

@@ -127,12 +127,24 @@ class EndpointClosed(Exception):
 
 
 class ConnectFailed(Exception):
-    """Dialing upstream failed; `reason` is safe to log (never contains credentials)."""
+    """Dialing upstream failed; `reason` is safe to log (never contains credentials). `status`
+    is the HTTP status of a refused upgrade, `retry_after_s` its `Retry-After` (seconds)."""
 
-    def __init__(self, reason: str, status: int | None = None) -> None:
+    def __init__(self, reason: str, status: int | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.retry_after_s = retry_after_s
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """A `Retry-After` header in seconds (the delay form; an HTTP date is not honoured)."""
+    try:
+        v = float(value) if value else None
+    except ValueError:
+        return None
+    return v if v is not None and 0 <= v <= 3600 else None
 
 
 class Endpoint(Protocol):

@@ -35,7 +35,7 @@ from websockets.uri import parse_uri
 
 from .base import (MAX_QUEUED_MESSAGES, ConnectFailed, EndpointClosed, Handler, HttpRequest,
                    HttpResponse, Limits, ListenOptions, OnRefused, ProcessRequest,
-                   ProcessResponse, RequestHead, closed_error, peer_name)
+                   ProcessResponse, RequestHead, closed_error, peer_name, retry_after_s)
 
 _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
 _tls: ssl_mod.SSLContext | None = None
@@ -478,7 +478,8 @@ async def dial(url: str, headers: dict[str, str], *, timeout_s: float, max_size:
             response = await ep.handshake
             if response.status_code != 101:
                 raise ConnectFailed(f"upstream refused the websocket: HTTP {response.status_code}",
-                                    response.status_code)
+                                    response.status_code,
+                                    retry_after_s(response.headers.get("Retry-After")))
             if proto.handshake_exc is not None:
                 raise ConnectFailed(f"upstream handshake invalid: {proto.handshake_exc}"[:200])
         except BaseException:

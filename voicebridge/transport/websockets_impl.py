@@ -22,7 +22,7 @@ from websockets.protocol import State
 
 from .base import (ConnectFailed, EndpointClosed, Handler, HttpRequest, HttpResponse, Limits,
                    ListenOptions, OnRefused, ProcessRequest, ProcessResponse, RequestHead,
-                   closed_error, peer_name)
+                   closed_error, peer_name, retry_after_s)
 
 
 class _SendBounds:
@@ -267,7 +267,8 @@ async def dial(url: str, headers: dict[str, str], *, timeout_s: float, max_size:
         ws.limits = limits
     except InvalidStatus as e:
         status = e.response.status_code
-        raise ConnectFailed(f"upstream refused the websocket: HTTP {status}", status) from None
+        raise ConnectFailed(f"upstream refused the websocket: HTTP {status}", status,
+                            retry_after_s(e.response.headers.get("Retry-After"))) from None
     except (asyncio.TimeoutError, TimeoutError):
         raise ConnectFailed(f"upstream connect timed out after {timeout_s:g} s") from None
     except (OSError, InvalidHandshake, InvalidURI, ValueError) as e:
