@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable, Coroutine
 from .config import Config, Secrets
 from .log import exc_fields, get_logger
 from .session import (FORWARDED, CallSession, CloseOpenAI, CloseVaic, Dial, Finished, Log,
-                      Resume, Upstream)
+                      Phase, Resume, Upstream)
 from .stats import Stats
 from .transport import ConnectFailed, Endpoint, EndpointClosed, Limits, dial
 
@@ -364,7 +364,9 @@ class Call:
 
     @property
     def waiting_for_resume(self) -> bool:
-        return self.ac is None and self.session.vaic_gone and not self._finished
+        sess = self.session
+        return (self.ac is None and sess.vaic_gone and not self._finished
+                and sess.phase is Phase.ACTIVE)
 
     def swap_vaic(self, new: Endpoint) -> None:
         """Replace the VAIC socket mid-call (the same call, the same OpenAI session)."""

@@ -85,7 +85,9 @@ class Playout:
             return None
         head = self.pending[0]
         if self.open_item is None:
-            return now
+            # a new stream; after a barge-in under the 'drain' policy VAIC may still be playing
+            # out the old one: the lead bounds what it holds in all (flush: play_end_t <= now)
+            return max(now, self.play_end_t - self.lead_s)
         if head.kind == END or head.item_id != self.open_item:
             # let the open stream finish playing first; the margin covers the network delay
             # by which VAIC's playout runs behind our clock

@@ -285,6 +285,11 @@ class CallSession:
         self.upstream = nxt
 
     @property
+    def _vaic_ok(self) -> bool:
+        """Frames for VAIC make sense: the call is active and has a VAIC socket."""
+        return self.phase is Phase.ACTIVE and not self.vaic_gone
+
+    @property
     def up_ready(self) -> bool:
         """Audio may go to OpenAI: the socket is open and session.update was sent."""
         return self.upstream is Upstream.CONFIGURING or self.upstream is Upstream.READY
@@ -513,12 +518,16 @@ class CallSession:
     def vaic_attached(self, now_ns: int) -> None:
         """A new VAIC socket carries this call: it is accepted again (for a `session.resume`),
         and playout starts afresh with the next item."""
-        self.vaic_gone = False
-        self._last_audio_ns = now_ns
-        if self._resume_deadline:
-            self._resume_deadline = 0
-            self.proto.resumed()
-            self._log("info", "call.resumed", gap_ms=round((now_ns - self._detached_ns) / 1e6, 1))
+        try:
+            self.vaic_gone = False
+            self._last_audio_ns = now_ns
+            if self._resume_deadline:
+                self._resume_deadline = 0
+                self.proto.resumed()
+                self._log("info", "call.resumed", gap_ms=round((now_ns - self._detached_ns) / 1e6, 1))
+            self._pump(now_ns, False)
+        except Exception as e:
+            self._internal_error(e, now_ns)
 
     def resume_refused(self, now_ns: int) -> None:
         """This socket's `session.resume` names no call waiting for one."""
@@ -551,10 +560,13 @@ class CallSession:
 
     def openai_swap(self, now_ns: int) -> None:
         """The shell replaces the OpenAI socket with one it already holds: the old one counts
-        as lost (without ending the call), the new one as dialled; `openai_connected` follows."""
+        as lost (without ending the call), the new one as dialled; `openai_connected` follows
+        and re-seeds the conversation."""
         if self.upstream is not Upstream.LOST:
             self._up("lost")
-        self._up("dial")
+        self._forget_session(now_ns, "swap")
+        self._up("dial")          # the shell holds the new socket already: no Dial effect
+        self._dial_attempt = 1
         self._t_dial_ns = now_ns
 
     def openai_connect_failed(self, reason: str, now_ns: int, status: int | None = None,
@@ -651,12 +663,23 @@ class CallSession:
         if why != "rotation":
             self._log("warning", "call.openai_lost", why=why, detail=clip(detail),
                       reconnect=self._reconnects)
+        self._forget_session(now_ns, why)
+        self._dial(now_ns)
+
+    def _forget_session(self, now_ns: int, why: str) -> None:
+        """What belonged to the OpenAI session being replaced: its response, its items."""
         self._replacing = why
         self._lost_ns = now_ns
         self.active_response = None      # that session's response is gone with it
+        self.cancelled.clear()
+        item = self._last_pushed_item or self.playout.open_item
+        if item:   # its audio.done will never come: end the item after what was received
+            if self._tc is not None:
+                self._push_audio(item, self._tc.flush_down(), False)
+            self.playout.push_end(item)
+            self._last_pushed_item = ""
         self._session_deadline = self._rotate_at = 0
         self._item_oai_ms.clear()        # its items cannot be truncated in the new session
-        self._dial(now_ns)
 
     def _instructions(self) -> str:
         text = self.cfg.openai.instructions
@@ -775,14 +798,15 @@ class CallSession:
             self._speaking = False
             self._retried_turn = False
             self._t_speech_stop_ns = now_ns
-            if self.phase is Phase.ACTIVE:
+            if self._vaic_ok:
                 self.proto.speech_stopped()
         elif t is rt.Committed:
-            if self.phase is Phase.ACTIVE:
+            if self._vaic_ok:
                 self.proto.speech_committed()
         elif t is rt.InputTranscriptCompleted:
             if ev.transcript and self.phase is Phase.ACTIVE:
-                self.proto.recognition(clip(ev.transcript, TURN_CHARS))
+                if self._vaic_ok:
+                    self.proto.recognition(clip(ev.transcript, TURN_CHARS))
                 self._turns.append(("user", clip(ev.transcript, TURN_CHARS)))
         elif t is rt.ErrorEvent:
             self._on_error(ev.error, now_ns)
@@ -871,7 +895,8 @@ class CallSession:
         """Caller started speaking: stop playout at once, truncate to what was heard."""
         if self.phase is not Phase.ACTIVE:
             return
-        self.proto.speech_started()
+        if not self.vaic_gone:
+            self.proto.speech_started()
         if self.active_response is not None:
             self.cancelled.add(self.active_response)
             if not self.cfg.openai.vad.interrupt_response and self.up_ready:
@@ -937,14 +962,21 @@ class CallSession:
 
     # ================================================================== time
     def next_deadline_ns(self) -> int | None:
-        """When `timer` must run next (monotonic ns), or None."""
+        """When `timer` must run next (monotonic ns), or None. Only the deadlines `_timer`
+        acts on in the current phase count (a stale one would make the shell spin)."""
+        phase = self.phase
+        if phase is Phase.INITIATING:
+            return self._initiate_deadline
+        if phase is Phase.ENDING:
+            return self._close_deadline or None
+        if phase is Phase.ENDED:
+            return None
         best = 0
-        for d in (self._initiate_deadline if self.phase is Phase.INITIATING else 0,
-                  self._greet_deadline, self._session_deadline, self._close_deadline,
-                  self._idle_deadline(), self._redial_at, self._rotate_at, self._resume_deadline):
+        for d in (self._greet_deadline, self._session_deadline, self._idle_deadline(),
+                  self._redial_at, self._rotate_at, self._resume_deadline):
             if d and (not best or d < best):
                 best = d
-        if self.phase is Phase.ACTIVE and self.playout.pending:
+        if self.playout.pending and not self.vaic_gone:   # detached: nothing can be sent
             due = self.playout.due(0.0)  # an absolute time unless the head needs no clock
             if due is not None:
                 d = int(due * NS) if due > 0.0 else self.started_ns
@@ -1030,6 +1062,11 @@ class CallSession:
         self._hang_up(reason, detail, now_ns)
 
     def _hang_up(self, reason: str, detail: str, now_ns: int) -> None:
+        self._greet_deadline = self._session_deadline = self._resume_deadline = 0
+        if self.phase is Phase.ACTIVE and self.vaic_gone:   # no VAIC socket to hang up on
+            self._go("vaic_lost")
+            self._end_now()
+            return
         if self.phase is Phase.ACTIVE:
             self.playout.interrupt(now_ns / NS)
             self.proto.request_hangup(clip(f"{reason}: {detail}"))
