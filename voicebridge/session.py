@@ -656,7 +656,8 @@ class CallSession:
         self._reconnect(now_ns, why, detail)
 
     def _reconnect(self, now_ns: int, why: str, detail: str) -> None:
-        self._reconnects += 1
+        if why != "rotation":             # planned replacements do not use up the budget
+            self._reconnects += 1
         if self._reconnects > MAX_RECONNECTS:
             self._fail("openai_closed", f"{detail} (after {MAX_RECONNECTS} reconnects)", now_ns)
             return
@@ -917,8 +918,10 @@ class CallSession:
         if intr.item_id not in self._item_oai_ms:   # an item of a session since replaced
             return
         oai_ms = self._item_oai_ms[intr.item_id]
+        # floored to whole ms; the 1 ns allowance absorbs float error in the clock arithmetic
+        # (437 ms heard computed as 436.99999999998 must say 437)
         end_ms = int(math.floor(max(0.0, min(intr.heard_ms, intr.sent_ms if intr.stream_open
-                                                 else 0.0, oai_ms))))
+                                                 else 0.0, oai_ms)) + 1e-6))
         if self.up_ready:
             self.to_openai.append(rt.truncate(intr.item_id, end_ms))
             self.counters.truncates += 1
@@ -979,7 +982,8 @@ class CallSession:
         if self.playout.pending and not self.vaic_gone:   # detached: nothing can be sent
             due = self.playout.due(0.0)  # an absolute time unless the head needs no clock
             if due is not None:
-                d = int(due * NS) if due > 0.0 else self.started_ns
+                # rounded up: a timer at a deadline rounded down would find nothing due yet
+                d = math.ceil(due * NS) if due > 0.0 else self.started_ns
                 if not best or d < best:
                     best = d
         return best or None
