@@ -812,7 +812,8 @@ async def test_N_upstream_not_reading_send_buffer_bound(daemon, fake):
 async def attack_N_bound(daemon, fake, tag: str = ""):
     """N: OpenAI stops reading while the caller floods: the up send never blocks the call, the
     OpenAI socket is aborted once its unsent data passes server.send_buffer_bytes (1 MiB) or stays
-    paused send_timeout_s (3 s here); the caller is hung up; RSS bounded."""
+    paused send_timeout_s (3 s here); the call then goes on with a new OpenAI session
+    (openai.reconnect, the default) or, without reconnecting, the caller is hung up; RSS bounded."""
     d = daemon
     log0 = d.log_bytes()
     att, session = await stuck_upstream_call(d, fake)
@@ -820,8 +821,9 @@ async def attack_N_bound(daemon, fake, tag: str = ""):
     with RssSampler(d) as rss:
         t0 = time.monotonic()
         await flood(att)                              # ~12 MB: far beyond the kernel buffers
-        hang = await att.read_until(lambda m: m.get("type") == "activities" and any(
-            a.get("name") == "hangup" for a in m.get("activities", [])), 15.0)
+        recovered = await d.wait_event("call.openai_reconnected", 15.0, call_id=att.cid)
+        hang = recovered or await att.read_until(lambda m: m.get("type") == "activities" and any(
+            a.get("name") == "hangup" for a in m.get("activities", [])), 5.0)
         secs_hangup = time.monotonic() - t0
         gone = await wait_gone(lambda: not d.tcp_sockets(local_port=session.peer[1]), 5.0)
     att.abort()
@@ -829,7 +831,7 @@ async def attack_N_bound(daemon, fake, tag: str = ""):
     end = await d.wait_event("call.end", 5.0, call_id=att.cid)
     attack_figures("N-bound" + tag, rss, log0, d, out, seconds_to_hangup=round(secs_hangup, 2),
                    upstream_closed_after_s=gone, end_reason=end and end["reason"], end_detail=end and end["detail"])
-    assert hang is not None, f"caller not hung up while OpenAI does not read: {att.msgs[-3:]}"
+    assert hang is not None, f"neither a new session nor a hang-up while OpenAI does not read: {att.msgs[-3:]}"
     assert secs_hangup < 12, secs_hangup
     assert gone is not None, "the bridge still holds the OpenAI socket"
     assert rss.growth_kib < RSS_BOUND_KIB, rss.growth_kib
