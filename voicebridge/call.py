@@ -159,8 +159,8 @@ class Call:
                 if up is not None:
                     try:
                         up.send_nowait(out)
-                    except EndpointClosed:
-                        pass   # the OpenAI pump reads what is still queued, then sees the close
+                    except EndpointClosed:   # closing: the OpenAI pump reports it soon; until
+                        sess.caller_audio_unsent(out)   # then the audio waits for a new session
                     else:
                         record_up((monotonic_ns() - t0) // 1000)
             if sess.to_vaic or sess.to_openai or sess.effects or sess.marks:

@@ -370,6 +370,15 @@ class CallSession:
         self._buffer_early(payload)
         return None
 
+    def caller_audio_unsent(self, frame: str) -> None:
+        """The OpenAI socket refused the append `vaic_frame` returned (it is closing): keep the
+        audio for the next session, in order, as during any gap."""
+        payload = frame[len(self._app_prefix):len(frame) - len(self._app_suffix)]
+        self.stats.frames_up -= 1
+        self.stats.bytes_up -= len(payload)
+        if self.cfg.openai.reconnect and self.phase is Phase.ACTIVE and self._neg is not None:
+            self._buffer_early(payload)
+
     def _bad_audio(self, reason: str) -> None:
         self.counters.bad_frames_in += 1
         self._log_first_n("bad_audio", "call.bad_audio_chunk", reason=reason)
