@@ -20,7 +20,9 @@ from websockets.http11 import Request, Response
 
 from voicebridge.sim.caller import (
     BargeIn,
+    CallResult,
     CallerConfig,
+    DropAndResume,
     Silence,
     Speak,
     WaitForBot,
@@ -130,6 +132,24 @@ def test_end_call_counts_unplayed_audio_as_cut() -> None:
     assert (s.heard_ms, s.cut_ms, s.flushed_ms, s.finished_t) == (100.0, 200.0, 0.0, 100.0)
 
 
+def test_audible_spans_skip_underruns_and_follow_the_queue() -> None:
+    model = PlayoutModel("drain")
+    model.start(0, "1", "raw/lpcm16_24")
+    model.chunk(0, 100)
+    model.chunk(150, 100)                      # an underrun from 100 to 150
+    model.stop(160)
+    model.start(200, "2", "raw/lpcm16_24")
+    model.chunk(200, 50)                       # queued behind stream 1: plays from 250
+    model.stop(200)
+    model.start(400, "3", "raw/lpcm16_24")
+    model.chunk(400, 100)
+    model.end_call(450)                        # cut at call end
+    result = CallResult(url="u", conversation_id="c", streams=model.streams)
+    assert [s.play_start_t for s in model.streams] == [0, 250, 400]
+    assert model.streams[0].gap_spans == [(100, 150)]
+    assert result.audible() == [(0, 100), (150, 300), (400, 450)]
+
+
 def test_heard_bytes_is_the_exact_heard_prefix() -> None:
     m = PlayoutModel("flush")
     audio = bytes(range(256)) * 15  # 3840 bytes = 80 ms at 24 kHz
@@ -222,6 +242,8 @@ def test_parse_script() -> None:
         WaitForBot(300),
         BargeIn(1, 2, 3),
     ]
+    assert parse_script("resume:500,resume:4000:100") == [DropAndResume(gap_ms=500),
+                                                          DropAndResume(after_ms=100, gap_ms=4000)]
     with pytest.raises(ValueError, match="shout"):
         parse_script("shout:3")
 
@@ -496,3 +518,89 @@ async def test_validate_connection_and_http_401() -> None:
     async with bot_server(bot, status=401) as (url, _):
         result = await run_call(CallerConfig(url, token="wrong"))
     assert (result.end_reason, result.connect_error) == ("connect-failed", "HTTP 401")
+
+
+def resuming_bot(answer: str | None, closed: list[int | None]) -> BotHandler:
+    """First socket: accept, then read until the caller drops it (its close code into `closed`).
+    Later sockets: expect session.resume, then `answer` it: None = session.accepted, userStream
+    ack and one 300 ms prompt; a string = session.error with that reason."""
+
+    async def bot(ws: ServerConnection, log: BotLog) -> None:
+        first = json.loads(await ws.recv())
+        log.messages.append(first)
+        if first["type"] == "session.initiate":
+            await send(ws, {"type": "session.accepted", "mediaFormat": "raw/lpcm16_24"})
+            await log.expect(ws, "userStream.start")
+            await send(ws, {"type": "userStream.started"})
+            try:
+                while True:
+                    log.messages.append(json.loads(await ws.recv()))
+            except ConnectionClosed:
+                closed.append(ws.close_code)
+            return
+        assert first["type"] == "session.resume"
+        if answer is not None:
+            await send(ws, {"type": "session.error", "conversationId": first["conversationId"], "reason": answer})
+            await ws.close()
+            return
+        await send(ws, {"type": "session.accepted", "mediaFormat": "raw/lpcm16_24"})
+        await log.expect(ws, "userStream.start")
+        await send(ws, {"type": "userStream.started"})
+        await play(ws, "after-resume", GREETING)
+        await log.drain(ws)
+
+    return bot
+
+
+async def test_drop_and_resume_accepted_goes_on_with_the_script() -> None:
+    closed: list[int | None] = []
+    async with bot_server(resuming_bot(None, closed)) as (url, log):
+        cfg = CallerConfig(url, token="t", conversation_id="c-1", stop_policy="drain",
+                           script=[Silence(100), DropAndResume(after_ms=40, gap_ms=300), WaitForBot(3000)])
+        result = await run_call(cfg)
+    assert result.violations == [] and result.script_timeouts == 0
+    assert result.end_reason == "caller-hangup"
+    [r] = result.resumes
+    assert (r.outcome, r.detail) == ("accepted", "raw/lpcm16_24")
+    assert r.connected_ms is not None and r.reply_ms is not None
+    assert r.drop_ms >= 140 - 1 and r.connected_ms - r.drop_ms >= 300 and r.reply_ms >= r.connected_ms
+    assert closed == [1006]                       # aborted: no close frame, no session.end
+    assert log.authorization == ["Bearer t", "Bearer t"]
+    types = [m["type"] for m in log.messages if m["type"] != "userStream.chunk"]
+    assert types == ["session.initiate", "activities", "userStream.start", "session.resume",
+                     "userStream.start", "userStream.stop", "session.end"]
+    assert all(m["conversationId"] == "c-1" for m in log.messages)
+    chunks = log.of_type("userStream.chunk")
+    assert len(chunks) == result.chunks_sent
+    # no catching up after the gap: the frames after the resume follow real time again
+    assert result.chunks_sent < (result.duration_ms - 300) / 20 + 5
+    [stream] = result.streams
+    assert stream.stream_id == "after-resume" and stream.heard_ms == 300.0
+    assert stream.first_chunk_t is not None and stream.first_chunk_t > r.reply_ms
+    assert result.audible() == [(stream.play_start_t, stream.play_start_t + 300.0)]
+    assert "resume: dropped at" in format_timeline(result)
+
+
+async def test_drop_and_resume_refused_ends_the_call() -> None:
+    closed: list[int | None] = []
+    async with bot_server(resuming_bot("conversation not found", closed)) as (url, log):
+        result = await run_call(CallerConfig(url, script=[DropAndResume(gap_ms=100), Silence(2000)]))
+    [r] = result.resumes
+    assert (r.outcome, r.detail) == ("error", "conversation not found")
+    assert (result.end_reason, result.session_error) == ("session.error", "conversation not found")
+    assert result.violations == [] and closed == [1006]
+    assert [m["type"] for m in log.messages if m["type"] != "userStream.chunk"] == [
+        "session.initiate", "activities", "userStream.start", "session.resume"]
+    assert result.duration_ms < 1500          # the rest of the script did not run
+
+
+async def test_drop_and_resume_unanswered_times_out() -> None:
+    async def bot(ws: ServerConnection, log: BotLog) -> None:
+        await accept(ws, log)      # on the resumed socket this waits for session.initiate: silence
+        await log.drain(ws)
+
+    async with bot_server(bot) as (url, _):
+        result = await run_call(CallerConfig(url, script=[DropAndResume(gap_ms=50)], accept_timeout_s=1))
+    [r] = result.resumes
+    assert r.outcome == "timeout" and result.end_reason == "timeout"
+    assert any("session.resume" in v for v in result.violations)

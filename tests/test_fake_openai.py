@@ -480,6 +480,90 @@ async def test_close_after_deltas_aborts_without_close_frame() -> None:
     assert rec.aborted and rec.close_code == 1006 and rec.closed_at is not None
 
 
+async def test_refuse_first_then_accept_with_retry_after() -> None:
+    async with FakeRealtimeServer(refuse=429, refuse_first=2, retry_after_s=1.5, **FAST) as server:
+        for _ in range(2):
+            with pytest.raises(InvalidStatus) as info:
+                async with open_ws(server.url):
+                    pass
+            assert info.value.response.status_code == 429
+            assert info.value.response.headers["Retry-After"] == "1.5"
+        async with open_ws(server.url) as ws:          # the third handshake is accepted
+            assert (await recv(ws))["type"] == "session.created"
+    assert server.rejected_handshakes == [(429, "refused")] * 2
+    assert len(server.handshake_times) == 3 and len(server.sessions) == 1
+    async with FakeRealtimeServer(refuse=503, **FAST) as server:   # no refuse_first: always
+        for _ in range(3):
+            with pytest.raises(InvalidStatus) as info:
+                async with open_ws(server.url):
+                    pass
+            assert "Retry-After" not in info.value.response.headers
+    assert server.rejected_handshakes == [(503, "refused")] * 3 and server.sessions == []
+
+
+@pytest.mark.parametrize("code", [None, 1011, 1001])
+async def test_drop_after_s_aborts_or_closes_with_code(code: int | None) -> None:
+    async with FakeRealtimeServer(drop_after_s=0.2, drop_code=code, **FAST) as server, \
+            open_ws(server.url) as ws:
+        await recv(ws)
+        with pytest.raises(ConnectionClosed) as info:
+            async with asyncio.timeout(STEP_S):
+                while True:
+                    await ws.recv()
+        if code is None:
+            assert info.value.rcvd is None and ws.close_code == 1006   # no close frame
+        else:
+            assert info.value.rcvd is not None and info.value.rcvd.code == code
+    assert await server.wait_closed_all(STEP_S)
+    rec = server.sessions[0]
+    assert rec.dropped_at is not None and 0.19 <= rec.dropped_at - rec.opened_at < 0.2 + STEP_S
+    assert rec.aborted == (code is None) and rec.close_code == (1006 if code is None else code)
+
+
+async def test_fail_responses_then_the_same_reply() -> None:
+    async with FakeRealtimeServer(fail_responses=["rate_limit_exceeded", "insufficient_quota"],
+                                  **FAST) as server, open_ws(server.url) as ws:
+        await recv(ws)
+        for code in ("rate_limit_exceeded", "insufficient_quota"):
+            await send(ws, {"type": "response.create"})
+            done, seen = await recv_until(ws, "response.done")
+            r = done["response"]
+            assert r["status"] == "failed" and r["output"] == []
+            assert r["status_details"] == {"type": "failed", "error": {"type": code, "code": code}}
+            assert not any(e["type"].startswith("response.output") for e in seen)
+        await send(ws, {"type": "response.create"})     # the knob is used up: a normal answer
+        done, seen = await recv_until(ws, "response.done")
+        assert done["response"]["status"] == "completed"
+        [tr] = [e for e in seen if e["type"] == "response.output_audio_transcript.done"]
+        assert tr["transcript"] == server.config.greeting_text
+    assert [r.status for r in server.sessions[0].responses] == ["failed", "failed", "completed"]
+    assert server.sessions[0].deltas_sent > 0
+
+
+async def test_input_transcription_completed_per_user_turn() -> None:
+    async with FakeRealtimeServer(input_transcripts=["first {n}", "second {n}"], **FAST) as server, \
+            open_ws(server.url) as ws:
+        await recv(ws)
+        await update(ws, input={"transcription": {"model": "gpt-4o-transcribe"}})
+        got = []
+        for _ in range(2):
+            for chunk in speech_then_silence("audio/pcm"):
+                await send(ws, {"type": "input_audio_buffer.append", "audio": chunk})
+            _, seen = await recv_until(ws, "response.done")
+            [committed] = [e for e in seen if e["type"] == "input_audio_buffer.committed"]
+            [tr] = [e for e in seen
+                    if e["type"] == "conversation.item.input_audio_transcription.completed"]
+            assert tr["item_id"] == committed["item_id"] and tr["content_index"] == 0
+            got.append(tr["transcript"])
+    assert got == ["first 1", "second 2"]
+    async with FakeRealtimeServer(**FAST) as server, open_ws(server.url) as ws:   # off: none
+        await recv(ws)
+        for chunk in speech_then_silence("audio/pcm"):
+            await send(ws, {"type": "input_audio_buffer.append", "audio": chunk})
+        _, seen = await recv_until(ws, "response.done")
+    assert not any("transcription" in e["type"] for e in seen)
+
+
 async def test_first_delta_delay_and_stop_closes_clients() -> None:
     server = FakeRealtimeServer(first_delta_delay_ms=30, **FAST)
     await server.start()

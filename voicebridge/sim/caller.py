@@ -13,6 +13,11 @@ Used by end-to-end tests, ``make demo`` and the load benchmark. It follows the s
 4. at the end: ``hangup="caller"`` sends ``userStream.stop``, expects ``userStream.stopped``, sends
    ``session.end`` (``client-disconnected``) and closes; ``hangup="drop"`` just closes.
 
+A ``DropAndResume`` script item is a network blip: the socket is aborted (no close frame, no
+``session.end``), and after its gap a new websocket sends ``session.resume`` with the same
+``conversationId``; on ``session.accepted`` the user stream is started again and the script goes
+on (``CallResult.resumes`` records each attempt).
+
 A reader coroutine handles bot messages at any time, feeds bot audio into the analytic
 :class:`~voicebridge.sim.playout_model.PlayoutModel` and records protocol violations instead of
 raising. Every message this module sends carries ``conversationId``. All waits are bounded: each
@@ -50,7 +55,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NoReturn
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -63,11 +68,13 @@ from voicebridge.sim.caller_records import (
     Direction,
     EndReason,
     Event,
+    Resume,
     Turn,
     format_timeline,
 )
 from voicebridge.sim.caller_script import (
     BargeIn,
+    DropAndResume,
     ScriptItem,
     Silence,
     Speak,
@@ -82,8 +89,10 @@ __all__ = [
     "CallResult",
     "CallerConfig",
     "Direction",
+    "DropAndResume",
     "EndReason",
     "Event",
+    "Resume",
     "ScriptItem",
     "Silence",
     "Speak",
@@ -111,6 +120,8 @@ def _default_call_timeout_s(cfg: CallerConfig) -> float:
             script_ms += item.ms
         elif isinstance(item, WaitForBot):
             script_ms += item.timeout_ms
+        elif isinstance(item, DropAndResume):
+            script_ms += item.after_ms + item.gap_ms + 2000 * cfg.accept_timeout_s
         else:
             script_ms += item.timeout_ms + item.ms
     return 4 * cfg.accept_timeout_s + script_ms / 1000 + CALL_TIMEOUT_MARGIN_S
@@ -164,7 +175,9 @@ class _Call(_CallReader):
         self.model = PlayoutModel(cfg.stop_policy, cfg.record_audio)
         self.result.streams = self.model.streams
         self.fmt: AudioFormat = FORMATS[known[0]]
-        self.t0 = time.monotonic()
+        self.t0 = self.result.started_at = time.monotonic()
+        self._dropping = False  # a DropAndResume aborted the socket and is resuming
+        self._reattached = asyncio.Event()  # set when the resumed socket may be read
         self.end_t: float | None = None
         self.ws: ClientConnection | None = None
         self.accepted = asyncio.Event()
@@ -336,12 +349,87 @@ class _Call(_CallReader):
                 self._event("sim", "wait-for-bot", f"timeout {item.timeout_ms} ms")
                 if not await self._stream_silence_until(self._bot_answered, item.timeout_ms):
                     self._script_timeout("wait-for-bot")
+            elif isinstance(item, DropAndResume):
+                await self._drop_and_resume(item)
             else:
                 self._event("sim", "barge-in.wait", f"until {item.after_heard_ms} ms heard")
                 heard_enough = functools.partial(self._heard_enough, item.after_heard_ms)
                 if not await self._stream_silence_until(heard_enough, item.timeout_ms):
                     self._script_timeout("barge-in.wait")
                 await self._speak(item.ms)
+
+    async def _drop_and_resume(self, item: DropAndResume) -> None:
+        """Abort the socket, wait ``gap_ms``, resume on a new one (see :class:`DropAndResume`)."""
+        cfg = self.cfg
+        if item.after_ms > 0:
+            self._event("sim", "silence", f"{item.after_ms} ms")
+            await self._stream_audio(item.after_ms, speech=False)
+        delay = self._stream_start + self._sent_audio_ms / 1000 - time.monotonic()
+        if delay > 0:  # the drop comes when the audio sent so far has been spoken
+            await asyncio.sleep(delay)
+        assert self.ws is not None
+        rec = Resume(drop_ms=self.now())
+        self.result.resumes.append(rec)
+        self._reattached.clear()
+        self._dropping = True
+        self._event("sim", "drop", f"socket aborted; session.resume in {item.gap_ms} ms")
+        self.ws.transport.abort()
+        if self.model.active is not None:
+            self.model.stop(rec.drop_ms)  # the prompt ends with the connection (stop policy)
+        await asyncio.sleep(item.gap_ms / 1000)
+        try:
+            new = await _connect(cfg.url, cfg.token, cfg.accept_timeout_s)
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
+            text = f"HTTP {exc.response.status_code}" if isinstance(exc, InvalidStatus) else repr(exc)
+            self._resume_failed(rec, "connect-failed", text, "connect-failed")
+        rec.connected_ms = self.now()
+        self._event("sim", "connected", f"{cfg.url} (resume)")
+        self.ws = new
+        await self._send({"type": "session.resume"})
+        try:
+            async with asyncio.timeout(cfg.accept_timeout_s):
+                raw = await new.recv()
+        except TimeoutError:
+            self._violation(f"no answer to session.resume within {cfg.accept_timeout_s} s")
+            self._resume_failed(rec, "timeout", "", "timeout")
+        except ConnectionClosed as exc:
+            self._resume_failed(rec, "error", f"socket closed ({exc})", "socket-closed")
+        rec.reply_ms = self.now()
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            msg = None
+        typ = msg.get("type") if isinstance(msg, dict) else None
+        if typ == "session.error":
+            assert isinstance(msg, dict)
+            self.result.session_error = rec.detail = str(msg.get("reason", ""))
+            self._event("in", typ, rec.detail, rec.reply_ms)
+            self._ended_by_bot = True
+            self._resume_failed(rec, "error", rec.detail, "session.error")
+        if typ != "session.accepted":
+            self._violation(f"expected session.accepted or session.error after session.resume: {str(raw)[:80]!r}")
+            self._resume_failed(rec, "error", f"unexpected {typ}", "socket-closed")
+        assert isinstance(msg, dict)
+        rec.outcome, rec.detail = "accepted", str(msg.get("mediaFormat"))
+        self._event("in", "session.accepted", f"mediaFormat={rec.detail} (resume)", rec.reply_ms)
+        if rec.detail != self.result.accepted_format:
+            self._violation(f"resume: mediaFormat {rec.detail!r} differs from {self.result.accepted_format!r}")
+        self._dropping = False
+        self._reattached.set()  # the reader goes on with the new socket
+        self.user_started.clear()
+        self._user_start_pending = True
+        await self._send({"type": "userStream.start"})
+        if not await self._wait(self.user_started, cfg.accept_timeout_s):
+            self._violation(f"no userStream.started within {cfg.accept_timeout_s} s after resume")
+            self._end("timeout")
+            raise _CallEnded
+        self._stream_start = time.monotonic() - self._sent_audio_ms / 1000  # no catching up the gap
+
+    def _resume_failed(self, rec: Resume, outcome: Any, detail: str, end: EndReason) -> NoReturn:
+        rec.outcome, rec.detail = outcome, detail
+        self._event("sim", "resume.failed", f"{outcome} {detail}".rstrip())
+        self._end(end)
+        raise _CallEnded
 
     def _script_timeout(self, what: str) -> None:
         self.result.script_timeouts += 1
@@ -470,8 +558,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="offered media format, repeatable, in preference order (default raw/lpcm16_24, raw/mulaw); "
         f"known: {', '.join(FORMATS)}")
     add("--script", default="wait,speak:1500,wait",
-        help="comma-separated: speak:MS, silence:MS, wait[:TIMEOUT_MS], bargein:AFTER_MS:MS[:TIMEOUT_MS] "
-        "(default %(default)s)")
+        help="comma-separated: speak:MS, silence:MS, wait[:TIMEOUT_MS], bargein:AFTER_MS:MS[:TIMEOUT_MS], "
+        "resume:GAP_MS[:AFTER_MS] (drop the socket, session.resume after GAP_MS) (default %(default)s)")
     add("--stop-policy", choices=STOP_POLICIES, default="flush",
         help="what playStream.stop / bot speech.started do to buffered bot audio (default %(default)s)")
     add("--play-finished", action="store_true", help="send playFinished when a bot stream finished playing")

@@ -38,6 +38,8 @@ class _CallReader:
     _user_stop_pending: bool
     _stream_ids: set[str]
     _ended_by_bot: bool
+    _dropping: bool
+    _reattached: asyncio.Event
 
     if TYPE_CHECKING:  # provided by _Call
 
@@ -52,28 +54,33 @@ class _CallReader:
         async def _send(self, msg: dict[str, Any], detail: str = "") -> None: ...
 
     async def _read(self) -> None:
-        assert self.ws is not None
-        try:
-            async for message in self.ws:
-                if self.result.end_reason is not None:
-                    continue  # the call is ending: late bot messages are not judged
-                t = self.now()
-                if isinstance(message, bytes):
-                    self._violation(f"binary frame from bot ({len(message)} bytes)")
-                    continue
-                try:
-                    msg = json.loads(message)
-                except ValueError:
-                    self._violation(f"non-JSON text frame from bot: {message[:80]!r}")
-                    continue
-                if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-                    self._violation(f"message without a string 'type': {message[:80]!r}")
-                    continue
-                await self._handle(msg, t)
-                if self.result.end_reason is not None and self._ended_by_bot:
-                    return
-        except ConnectionClosed:
-            pass
+        while True:
+            ws = self.ws
+            assert ws is not None
+            try:
+                async for message in ws:
+                    if self.result.end_reason is not None:
+                        continue  # the call is ending: late bot messages are not judged
+                    t = self.now()
+                    if isinstance(message, bytes):
+                        self._violation(f"binary frame from bot ({len(message)} bytes)")
+                        continue
+                    try:
+                        msg = json.loads(message)
+                    except ValueError:
+                        self._violation(f"non-JSON text frame from bot: {message[:80]!r}")
+                        continue
+                    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+                        self._violation(f"message without a string 'type': {message[:80]!r}")
+                        continue
+                    await self._handle(msg, t)
+                    if self.result.end_reason is not None and self._ended_by_bot:
+                        return
+            except ConnectionClosed:
+                pass
+            if self.ws is ws and not self._dropping:
+                break
+            await self._reattached.wait()  # a DropAndResume: read the new socket once resumed
         self._end("socket-closed")
 
     async def _handle(self, msg: dict[str, Any], t: float) -> None:

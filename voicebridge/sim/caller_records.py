@@ -73,6 +73,23 @@ class Turn:
     latency_ms: float | None
 
 
+ResumeOutcome = Literal["accepted", "error", "connect-failed", "timeout"]
+
+
+@dataclass
+class Resume:
+    """One :class:`~voicebridge.sim.caller_script.DropAndResume`: ``drop_ms`` the old socket was
+    aborted; ``connected_ms`` the new one was open (None: connect failed); ``reply_ms`` the bot's
+    answer to ``session.resume`` arrived; ``outcome`` ``accepted`` (``detail``: its mediaFormat),
+    ``error`` (``detail``: the session.error reason), ``connect-failed`` or ``timeout``."""
+
+    drop_ms: float
+    connected_ms: float | None = None
+    reply_ms: float | None = None
+    outcome: ResumeOutcome | None = None
+    detail: str = ""
+
+
 @dataclass
 class CallResult:
     """Everything observed during one call. Times are ms since call start (just before dialing).
@@ -82,7 +99,9 @@ class CallResult:
     which may precede entries recorded before them, so sort by ``t_ms`` for a strict timeline (as
     :func:`format_timeline` does). ``streams`` are final when the result is returned.
     ``end_reason`` adds ``"caller-drop"`` (``hangup="drop"``) and ``"connect-failed"`` (see
-    ``connect_error``) to the reasons of the call contract.
+    ``connect_error``) to the reasons of the call contract. ``started_at`` is t = 0 on
+    ``time.monotonic()`` (to line the call up with other records, e.g. the fake OpenAI server's).
+    ``resumes``: one :class:`Resume` per ``DropAndResume`` run.
     """
 
     url: str
@@ -104,6 +123,30 @@ class CallResult:
     script_timeouts: int = 0
     connect_error: str | None = None
     duration_ms: float = 0.0
+    started_at: float = 0.0
+    resumes: list[Resume] = field(default_factory=list)
+
+    def audible(self) -> list[tuple[float, float]]:
+        """The spans (ms, merged, in time order) during which bot audio was playing: each stream
+        from ``play_start_t`` until its audio ended (played, flushed or cut at call end), minus
+        its underruns. The gaps between spans are the silences the caller heard."""
+        spans: list[tuple[float, float]] = []
+        for s in self.streams:
+            if s.play_start_t is None or s.heard_ms <= 0:
+                continue
+            end = s.end_t if s.finished_t is None else min(s.end_t, s.finished_t)
+            start = s.play_start_t
+            for a, b in s.gap_spans:
+                spans.append((start, a))
+                start = b
+            spans.append((start, end))
+        out: list[tuple[float, float]] = []
+        for a, b in sorted(x for x in spans if x[1] > x[0]):
+            if out and a <= out[-1][1] + 1e-6:
+                out[-1] = (out[-1][0], max(out[-1][1], b))
+            else:
+                out.append((a, b))
+        return out
 
 
 _ARROWS: dict[Direction, str] = {"out": "caller → bot", "in": "caller ← bot", "sim": "  (caller)  "}
@@ -150,6 +193,9 @@ def format_timeline(result: CallResult) -> str:
         lines.append("bot speech.started at: " + ", ".join(f"{t:.0f} ms" for t in result.speech_started_from_bot))
     if result.received_activities:
         lines.append(f"activities from bot: {len(result.received_activities)}")
+    for r in result.resumes:
+        lines.append(f"resume: dropped at {r.drop_ms:.0f} ms -> {r.outcome} {r.detail}".rstrip()
+                     + (f" at {r.reply_ms:.0f} ms" if r.reply_ms is not None else ""))
     if result.script_timeouts:
         lines.append(f"script waits timed out: {result.script_timeouts}")
     lines.append(f"violations: {len(result.violations) + result.violations_suppressed}")

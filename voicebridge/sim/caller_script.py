@@ -1,6 +1,7 @@
 """Scripts of the simulated VAIC caller: what the caller does, step by step.
 
-:class:`Speak`, :class:`Silence`, :class:`WaitForBot` and :class:`BargeIn`, the default script and
+:class:`Speak`, :class:`Silence`, :class:`WaitForBot`, :class:`BargeIn` and
+:class:`DropAndResume`, the default script and
 the parser of the CLI's ``--script`` text. Re-exported by :mod:`voicebridge.sim.caller`.
 """
 
@@ -48,7 +49,24 @@ class BargeIn:
     timeout_ms: int = 10000
 
 
-ScriptItem = Speak | Silence | WaitForBot | BargeIn
+@dataclass
+class DropAndResume:
+    """A network blip: stream ``after_ms`` of silence, then drop the TCP connection (abort, no
+    close frame, no ``session.end``), wait ``gap_ms`` (no audio), open a new websocket (same URL
+    and token) and send ``session.resume`` with the same ``conversationId``.
+
+    ``session.accepted`` -> ``userStream.start`` again and the script goes on (the user stream's
+    clock restarts, so no audio is sent to catch up the gap). ``session.error`` (or no answer
+    within ``accept_timeout_s``, or a failed connect) ends the call. Either way the outcome is
+    recorded in ``CallResult.resumes``. A bot stream playing at the drop is stopped then (the
+    stop policy applies: with ``flush`` what was heard is frozen).
+    """
+
+    after_ms: int = 0
+    gap_ms: int = 500
+
+
+ScriptItem = Speak | Silence | WaitForBot | BargeIn | DropAndResume
 
 
 def default_script() -> list[ScriptItem]:
@@ -59,7 +77,8 @@ def default_script() -> list[ScriptItem]:
 def parse_script(text: str) -> list[ScriptItem]:
     """Parse ``"speak:1500,silence:2000,bargein:800:1200,wait"`` into script items.
 
-    Items: ``speak:MS``, ``silence:MS``, ``wait[:TIMEOUT_MS]``, ``bargein:AFTER_MS:MS[:TIMEOUT_MS]``.
+    Items: ``speak:MS``, ``silence:MS``, ``wait[:TIMEOUT_MS]``, ``bargein:AFTER_MS:MS[:TIMEOUT_MS]``,
+    ``resume:GAP_MS[:AFTER_MS]`` (:class:`DropAndResume`).
     Raises ``ValueError`` with the offending item on bad input.
     """
     items: list[ScriptItem] = []
@@ -78,11 +97,13 @@ def parse_script(text: str) -> list[ScriptItem]:
                 items.append(WaitForBot(*nums))
             elif name == "bargein" and len(nums) in (2, 3):
                 items.append(BargeIn(*nums))
+            elif name == "resume" and len(nums) in (1, 2):
+                items.append(DropAndResume(gap_ms=nums[0], after_ms=nums[1] if len(nums) > 1 else 0))
             else:
                 raise ValueError
         except ValueError:
             raise ValueError(
                 f"bad script item {token!r}; use speak:MS, silence:MS, wait[:TIMEOUT_MS], "
-                "bargein:AFTER_MS:MS[:TIMEOUT_MS]"
+                "bargein:AFTER_MS:MS[:TIMEOUT_MS], resume:GAP_MS[:AFTER_MS]"
             ) from None
     return items

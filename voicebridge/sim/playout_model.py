@@ -48,7 +48,9 @@ class PlayedStream:
 
     ``heard_ms`` and ``heard_bytes`` (the exact prefix of the stream's audio, WAV headers removed,
     that was heard, cut at a whole sample) are final once ``finished_t`` is set; before that read
-    :meth:`PlayoutModel.heard_ms`. ``gap_ms`` is the total length of the underruns.
+    :meth:`PlayoutModel.heard_ms`. ``gap_ms`` is the total length of the underruns, ``gap_spans``
+    their (from, to) times. ``play_start_t``: when its first audio started playing (its first
+    chunk's arrival, or later if the previous stream's audio was still playing).
     """
 
     stream_id: str
@@ -65,6 +67,8 @@ class PlayedStream:
     gap_ms: float = 0.0
     finished_t: float | None = None
     chunks: int = 0
+    play_start_t: float | None = None
+    gap_spans: list[tuple[float, float]] = field(default_factory=list)
     end_t: float = field(default=0.0, repr=False)  # when this stream's queued audio ends playing
     muted: bool = field(default=False, repr=False)  # flushed by barge-in: later chunks discarded
     fmt: AudioFormat | None = field(default=None, repr=False)
@@ -107,9 +111,11 @@ class PlayoutModel:
         assert stream is not None, "chunk without an active stream"
         if stream.first_chunk_t is None:
             stream.first_chunk_t = t
+            stream.play_start_t = max(t, self.buffer_end_t)
         elif self.buffer_end_t < t and not stream.muted:
             stream.underruns += 1
             stream.gap_ms += t - self.buffer_end_t
+            stream.gap_spans.append((self.buffer_end_t, t))
         stream.chunks += 1
         stream.received_ms += duration_ms
         if self.record_audio:

@@ -85,10 +85,17 @@ class _Conn(_ResponseMixin):
         self.tokens_remaining = 400000
         self.expire_handle: asyncio.TimerHandle | None = None
         self.stop_reading_handle: asyncio.TimerHandle | None = None
+        self.drop_handle: asyncio.TimerHandle | None = None
+        self.drop_task: asyncio.Task[None] | None = None
+        self.fails_left = list(self.cfg.fail_responses)  # ``fail_responses`` knob, per session
         # malicious-upstream knobs, fixed for the whole session
         self.silent = self.cfg.silent
         self.bad_delta = self.cfg.bad_delta
         self.stop_reading_after_s = self.cfg.stop_reading_after_s
+        # timed fault knobs, also fixed at connect (before the first await: a test may reset
+        # them for later sessions as soon as it sees this one in ``server.sessions``)
+        self.session_limit_s = self.cfg.session_limit_s
+        self.drop_after_s, self.drop_code = self.cfg.drop_after_s, self.cfg.drop_code
         self.expire_task: asyncio.Task[None] | None = None
         self.handlers: dict[str, Callable[[dict[str, Any], str | None], Awaitable[None]]] = {
             "session.update": self._on_session_update,
@@ -167,9 +174,12 @@ class _Conn(_ResponseMixin):
                 await self._read_silently()
                 return
             await self.send("session.created", session=self.session)
-            limit = self.cfg.session_limit_s
+            limit = self.session_limit_s
             if limit is not None:
                 self.expire_handle = self.loop.call_later(limit, self._start_expire, limit)
+            if self.drop_after_s is not None:
+                self.drop_handle = self.loop.call_later(
+                    max(0.0, self.drop_after_s), self._drop, self.drop_code)
             async for message in ws:
                 try:
                     await self._on_message(message)
@@ -218,7 +228,25 @@ class _Conn(_ResponseMixin):
         self.rec.reading_stopped_at = time.monotonic()
         log.info("session %s stopped reading (fault knob)", self.rec.id)
 
+    def _drop(self, code: int | None) -> None:
+        """``drop_after_s`` knob: abort the TCP connection, or close with ``code``."""
+        self.rec.dropped_at = time.monotonic()
+        log.info("session %s dropped (fault knob, code=%s)", self.rec.id, code)
+        if code is None:
+            self.rec.aborted = True
+            self.ws.transport.abort()
+        else:
+            self.drop_task = self.loop.create_task(self._close_quietly(code))
+
+    async def _close_quietly(self, code: int) -> None:
+        try:
+            await self.ws.close(code, "dropped by the fake server (fault knob)")
+        except ConnectionClosed:
+            pass
+
     async def _cleanup(self) -> None:
+        if self.drop_handle is not None:
+            self.drop_handle.cancel()
         if self.stop_reading_handle is not None:
             self.stop_reading_handle.cancel()
         if self.expire_handle is not None:
@@ -227,8 +255,9 @@ class _Conn(_ResponseMixin):
         if run is not None and run.task is not None and not run.task.done():
             run.task.cancel()
             await asyncio.wait({run.task}, timeout=CLOSE_TIMEOUT_S)
-        if self.expire_task is not None and not self.expire_task.done():
-            await asyncio.wait({self.expire_task}, timeout=CLOSE_TIMEOUT_S + 1)
+        for task in (self.expire_task, self.drop_task):
+            if task is not None and not task.done():
+                await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S + 1)
         if self.ws.state is not State.CLOSED:
             try:
                 async with asyncio.timeout(CLOSE_TIMEOUT_S + 1):
@@ -399,6 +428,12 @@ class _Conn(_ResponseMixin):
         self._remember(item_id, _Item("user", item))
         await self.send("conversation.item.added", previous_item_id=previous, item=item)
         await self.send("conversation.item.done", previous_item_id=previous, item=item)
+        if self.session["audio"]["input"].get("transcription") is not None and self.cfg.input_transcripts:
+            texts = self.cfg.input_transcripts
+            text = texts[(self.user_turns - 1) % len(texts)].replace("{n}", str(self.user_turns))
+            await self.send("conversation.item.input_audio_transcription.completed", item_id=item_id,
+                            content_index=0, transcript=text,
+                            usage={"type": "duration", "seconds": 1})
 
     async def _on_commit(self, event: dict[str, Any], event_id: str | None) -> None:
         ms = self.buffered_bytes / bytes_per_ms(self.in_fmt)

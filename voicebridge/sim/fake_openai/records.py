@@ -48,6 +48,34 @@ class FakeOpenAIConfig:
       its socket (``transport.pause_reading()`` on the connection, for good), so the bridge's
       sends back up. The session's receive buffer is shrunk at connect (``SO_RCVBUF`` 16 KiB) so
       the kernel does not absorb megabytes first. ``FakeSession.reading_stopped_at`` records when.
+
+    Fault knobs (recovery tests):
+
+    * ``refuse``: reject handshakes with this HTTP status (before auth). With ``refuse_first`` 0
+      (the default) every handshake is refused; with ``refuse_first`` N only the first N
+      handshakes of this server are, later ones are handled normally (retry tests).
+      ``retry_after_s``: if set, refusals carry a ``Retry-After`` header with this value
+      (``f"{value:g}"``: ``1`` -> ``"1"``, ``0.5`` -> ``"0.5"``).
+    * ``drop_after_s``: this long after a session opened, end its connection: with ``drop_code``
+      None abort the TCP connection (no close frame: 1006 at the client), else send a close frame
+      with that code (e.g. 1011, 1001) and close. ``FakeSession.dropped_at`` records when. Read
+      when the session is recorded (like ``session_limit_s``), so a test that wants one drop
+      only sets it back to None as soon as the session is in ``FakeRealtimeServer.sessions``.
+    * ``fail_responses``: the first ``len(fail_responses)`` responses of each session fail, one
+      code per response: ``response.created``, then ``response.done`` with ``status: "failed"``,
+      ``status_details: {"type": "failed", "error": {"type": code, "code": code}}``, no output
+      and no audio (``FakeResponse.status == "failed"``). A failed response does not use up a
+      scripted reply: the next one speaks the same text.
+    * ``session_limit_s``: ``session_expired`` error, then close 1001, this long after connect.
+    * ``close_after_deltas``: abort the TCP connection after this many audio deltas.
+    * ``inject_errors``: these error codes are sent after the first ``session.updated``.
+
+    Input transcription: when the session has ``audio.input.transcription`` set (not null), each
+    committed user turn is followed by ``conversation.item.input_audio_transcription.completed``
+    for its item, the transcript taken from ``input_transcripts`` in turn order (cycling; the
+    ``{n}`` in it is the session's turn number, from 1).
+    Every client event is recorded in ``FakeSession.received`` (so the
+    ``conversation.item.create`` items a client re-seeds a session with are there).
     """
 
     host: str = "127.0.0.1"
@@ -67,6 +95,12 @@ class FakeOpenAIConfig:
     vad_min_speech_ms: int = 60
     session_limit_s: float | None = None
     refuse: int | None = None
+    refuse_first: int = 0
+    retry_after_s: float | None = None
+    drop_after_s: float | None = None
+    drop_code: int | None = None
+    fail_responses: list[str] = field(default_factory=list)
+    input_transcripts: list[str] = field(default_factory=lambda: ["caller turn {n}"])
     close_after_deltas: int | None = None
     inject_errors: list[str] = field(default_factory=list)
     record: bool = True
@@ -80,7 +114,7 @@ class FakeOpenAIConfig:
 class FakeResponse:
     """One response of a session, as the fake server ran it.
 
-    ``status``: ``in_progress`` → ``completed`` | ``cancelled``. ``reason`` is the
+    ``status``: ``in_progress`` → ``completed`` | ``cancelled`` | ``failed`` (``fail_responses``). ``reason`` is the
     ``status_details.reason`` of a cancelled response (``turn_detected`` | ``client_cancelled``).
     ``audio_ms_sent`` counts the audio of all deltas actually sent for ``item_id``.
     """
@@ -142,6 +176,7 @@ class FakeSession:
     aborted: bool = False
     bad_deltas_sent: int = 0  # ``bad_delta`` knob: injected deltas sent
     reading_stopped_at: float | None = None  # ``stop_reading_after_s`` knob: when reading stopped
+    dropped_at: float | None = None  # ``drop_after_s`` knob: when the fake ended the connection
     peer: Any = None  # the client's (host, port), as the accepted socket saw it
 
     def sent_of(self, event_type: str) -> list[dict[str, Any]]:

@@ -67,6 +67,7 @@ class _Run:
     wake: asyncio.Future[None] | None = None
     cancel_reason: str | None = None
     inflight_left: int = 0
+    fail_code: str | None = None  # ``fail_responses`` knob: this response fails with this code
 
     def cancel(self, reason: str, inflight: int) -> None:
         """Ask the response to stop after at most ``inflight`` more deltas (idempotent)."""
@@ -99,6 +100,7 @@ class _ResponseMixin:
     requests_remaining: int
     tokens_remaining: int
     bad_delta: str | None
+    fails_left: list[str]
 
     if TYPE_CHECKING:  # provided by _Conn
 
@@ -157,7 +159,11 @@ class _ResponseMixin:
     def _start_response(
         self, trigger: str, instructions: str | None, params: dict[str, Any] | None = None
     ) -> None:
+        fail = self.fails_left.pop(0) if self.fails_left else None
+        reply_index = self.reply_index
         text, ms = self._plan(trigger)
+        if fail is not None:
+            self.reply_index = reply_index  # a failed response does not use up its reply
         spoken, call = text, None
         if FUNCTION_CALL_MARKER in text:
             spoken, _, call_text = text.partition(FUNCTION_CALL_MARKER)
@@ -176,7 +182,7 @@ class _ResponseMixin:
         )
         if self.record:
             self.rec.responses.append(rec)
-        run = _Run(rec)
+        run = _Run(rec, fail_code=fail)
         self.active = run
         run.task = self.loop.create_task(self._run_response(run, params or {}))
 
@@ -248,6 +254,16 @@ class _ResponseMixin:
                  "reset_seconds": 0.58},
             ],
         )
+        if run.fail_code is not None and run.cancel_reason is None:
+            rec.status = "failed"
+            rec.done_at = time.monotonic()
+            response = self._response_obj(run, "failed", [], modalities, params)
+            response["status_details"] = {
+                "type": "failed", "error": {"type": run.fail_code, "code": run.fail_code}}
+            if self.active is run:
+                self.active = None
+            await self.send("response.done", response=response)
+            return
         output: list[dict[str, Any]] = []
         if rec.item_id is not None and run.cancel_reason is None:
             output.append(await self._stream_message(run, text_only))

@@ -98,8 +98,9 @@ class FakeRealtimeServer:
     ``await srv.stop()``. Keyword overrides are applied on top of ``config``.
 
     Recording attributes: ``sessions`` (one :class:`FakeSession` per accepted connection, in
-    accept order, kept even with ``record=False``) and ``rejected_handshakes``
-    (``(http_status, reason)`` per refused handshake).
+    accept order, kept even with ``record=False``), ``rejected_handshakes``
+    (``(http_status, reason)`` per refused handshake) and ``handshake_times`` (the monotonic time
+    of every handshake request, refused or not, in order).
     """
 
     def __init__(self, config: FakeOpenAIConfig | None = None, **overrides: Any) -> None:
@@ -107,6 +108,8 @@ class FakeRealtimeServer:
         self.config: FakeOpenAIConfig = replace(base, **overrides) if overrides else base
         self.sessions: list[FakeSession] = []
         self.rejected_handshakes: list[tuple[int, str]] = []
+        self.handshake_times: list[float] = []
+        self._refused = 0  # handshakes refused by the ``refuse`` knob
         self._server: Server | None = None
         self._port: int | None = None
         self._open = 0
@@ -209,7 +212,8 @@ class FakeRealtimeServer:
             cached = self._tones[key] = (full, rest)
         return cached
 
-    def _reject(self, status: int, reason: str, message: str, code: str | None) -> Response:
+    def _reject(self, status: int, reason: str, message: str, code: str | None,
+                retry_after_s: float | None = None) -> Response:
         self.rejected_handshakes.append((status, reason))
         body = _json_encode(
             {"error": {"message": message, "type": "invalid_request_error", "code": code,
@@ -223,13 +227,17 @@ class FakeRealtimeServer:
             [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
              ("Connection", "close")]
         )
+        if retry_after_s is not None:
+            headers["Retry-After"] = f"{retry_after_s:g}"
         return Response(status, phrase, headers, body)
 
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         cfg = self.config
-        if cfg.refuse is not None:
+        self.handshake_times.append(time.monotonic())
+        if cfg.refuse is not None and (cfg.refuse_first <= 0 or self._refused < cfg.refuse_first):
+            self._refused += 1
             return self._reject(cfg.refuse, "refused", "Refused by the fake server (fault knob).",
-                                "refused")
+                                "refused", cfg.retry_after_s)
         parts = urlsplit(request.path)
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         if parts.path not in (OPENAI_PATH, AZURE_PATH):
@@ -313,6 +321,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="send session_expired and close 1001 after this many seconds")
     p.add_argument("--refuse", type=int, default=None, metavar="HTTP_STATUS",
                    help="reject every handshake with this HTTP status")
+    p.add_argument("--refuse-first", type=int, default=0, metavar="N",
+                   help="with --refuse: refuse only the first N handshakes (default: all)")
+    p.add_argument("--retry-after-s", type=float, default=None,
+                   help="with --refuse: send this Retry-After header")
+    p.add_argument("--drop-after-s", type=float, default=None,
+                   help="end each session this long after it opened (abort, or --drop-code)")
+    p.add_argument("--drop-code", type=int, default=None,
+                   help="with --drop-after-s: send a close frame with this code instead of aborting")
     p.add_argument("--close-after-deltas", type=int, default=None, metavar="N",
                    help="abort the TCP connection (no close frame) after N audio deltas")
     p.add_argument("--record", action="store_true",
@@ -348,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         delta_interval_ms=args.delta_interval_ms,
         session_limit_s=args.session_limit_s,
         refuse=args.refuse,
+        refuse_first=args.refuse_first,
+        retry_after_s=args.retry_after_s,
+        drop_after_s=args.drop_after_s,
+        drop_code=args.drop_code,
         close_after_deltas=args.close_after_deltas,
         record=args.record,
     )
