@@ -316,8 +316,11 @@ class Call:
 
     # ------------------------------------------------------------------ time
     def _rearm(self) -> None:
+        """Keep one timer armed no later than the session's next deadline. A timer already armed
+        earlier stays: it fires, the session finds nothing due yet, and it is re-armed then
+        (cheaper than replacing the handle at every delta that moves the deadline later)."""
         d = self.session.next_deadline_ns()
-        if d == self._timer_at or self._finished:
+        if self._finished or d == self._timer_at or (d and self._timer_at and self._timer_at < d):
             return
         if self._timer is not None:
             self._timer.cancel()
