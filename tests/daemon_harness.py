@@ -40,6 +40,7 @@ import msgspec
 from voicebridge import config as vb_config
 from voicebridge.sim.caller import CallerConfig, CallResult, ScriptItem, Silence, Speak, WaitForBot, run_call
 from voicebridge.sim.fake_openai import FakeOpenAIConfig, FakeRealtimeServer, FakeSession
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "vaic-harness-token"
@@ -523,9 +524,5 @@ Predicate = Callable[[], bool]
 
 
 async def wait_until(pred: Predicate, timeout_s: float, step_s: float = 0.02) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if pred():
-            return True
-        await asyncio.sleep(step_s)
-    return bool(pred())
+    """`conftest.wait_for` with the harness's default step."""
+    return await wait_for(pred, timeout_s, step_s)

@@ -19,10 +19,12 @@ from typing import Iterable
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
-def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, mask: bool = True) -> bytes:
-    """One websocket frame (RFC 6455 §5.2), masked as a client must, with any opcode/fin."""
-    head = bytearray([(0x80 if fin else 0) | opcode])
-    n = len(payload)
+def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, mask: bool = True, rsv: int = 0,
+          key: bytes | None = None, length: int | None = None) -> bytes:
+    """One websocket frame (RFC 6455 §5.2), masked as a client must, with any opcode/fin.
+    `rsv` sets RSV1-3 (bits 0x70), `key` fixes the mask key, `length` lies about the size."""
+    head = bytearray([(0x80 if fin else 0) | (rsv & 0x70) | (opcode & 0x0F)])
+    n = len(payload) if length is None else length
     mbit = 0x80 if mask else 0
     if n < 126:
         head.append(mbit | n)
@@ -34,9 +36,10 @@ def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, mask: bool = T
         head += struct.pack("!Q", n)
     if not mask:
         return bytes(head) + payload
-    key = os.urandom(4)
+    key = os.urandom(4) if key is None else key
     head += key
-    if n:
+    n = len(payload)
+    if n and key != b"\0\0\0\0":
         # XOR with the repeated key, via int arithmetic (fast enough for test sizes)
         reps = (key * (n // 4 + 1))[:n]
         payload = (int.from_bytes(payload, "big") ^ int.from_bytes(reps, "big")).to_bytes(n, "big")

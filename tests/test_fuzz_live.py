@@ -58,7 +58,7 @@ from typing import Any
 import pytest
 
 from tests.daemon_harness import TOKEN, clean_call, config_has, figures, running_daemon, running_fake
-from tests.rawws import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, upgrade_request
+from tests.rawws import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, frame, upgrade_request
 from tests.sdk_check import validate_client_event
 from voicebridge.realtime import BENIGN_ERROR_CODES
 from voicebridge.sim.caller import Silence, Speak, WaitForBot
@@ -95,27 +95,9 @@ MAX_MESSAGE = 1 << 20            # frames are kept under the daemon's smallest d
 
 def wsframe(op: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, mask: bool = True,
             key: bytes | None = None, length: int | None = None) -> bytes:
-    """One websocket frame. `rsv` sets RSV1-3 (bits 0x70), `length` lies about the payload size."""
-    n = len(payload) if length is None else length
-    head = bytearray([(0x80 if fin else 0) | (rsv & 0x70) | (op & 0x0F)])
-    mbit = 0x80 if mask else 0
-    if n < 126:
-        head.append(mbit | n)
-    elif n < 65536:
-        head.append(mbit | 126)
-        head += struct.pack("!H", n)
-    else:
-        head.append(mbit | 127)
-        head += struct.pack("!Q", n)
-    if not mask:
-        return bytes(head) + payload
-    key = key if key is not None else b"\0\0\0\0"
-    head += key
-    if payload and key != b"\0\0\0\0":
-        m = len(payload)
-        reps = (key * (m // 4 + 1))[:m]
-        payload = (int.from_bytes(payload, "big") ^ int.from_bytes(reps, "big")).to_bytes(m, "big")
-    return bytes(head) + payload
+    """`rawws.frame`, with an all-zero mask key unless one is given (cheap for big payloads)."""
+    return frame(op, payload, fin=fin, mask=mask, rsv=rsv, key=b"\0\0\0\0" if key is None else key,
+                 length=length)
 
 
 def close_payload(code: int | None, reason: bytes = b"") -> bytes:
