@@ -304,8 +304,13 @@ async def test_vaic_resume_within_grace(when, logs):
         fake_cfg, first = fast_fake(reply_ms=[3000, 600]), [Speak(600), Silence(1500)]
     script = first + [DropAndResume(gap_ms=500), Speak(600), WaitForBot(5000), Silence(100)]
     async with running(fake_cfg, call={"resume_grace_s": 3.0}) as (fake, bridge):
-        res = await run_call(caller(bridge, script))
+        task = asyncio.create_task(run_call(caller(bridge, script)))
+        # once resumed, the daemon counts one call, not the socket that carried the resume too
+        assert await wait_for(lambda: bool(logs.events("call.resumed")), 15.0)
+        assert len(bridge.calls) == 1 and bridge.stats.calls_active == 1
+        res = await task
         assert await wait_for(lambda: not bridge.calls, 3.0)
+        assert len(bridge.finished) == 1                  # one call.end, one call
     assert res.end_reason == "caller-hangup" and res.violations == [], res.violations
     [r] = res.resumes
     assert r.outcome == "accepted" and r.detail == res.accepted_format

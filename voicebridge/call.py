@@ -89,8 +89,12 @@ class Call:
             self._after()
         finally:
             await self._shutdown()
-        if self._adopter is not None:   # the socket lives on in the call that adopted it
-            await self._adopter.done.wait()
+
+    @property
+    def adopter(self) -> "Call | None":
+        """The call this socket was handed to by its `session.resume`: the socket lives on
+        there, so whoever runs this one must keep the connection open until `adopter.done`."""
+        return self._adopter
 
     def abort(self) -> None:
         """Abort both sockets at once (a forced shutdown); the pumps then end the call."""

@@ -192,8 +192,10 @@ class Bridge:
         finally:
             self.calls.discard(call)
             self.stats.calls_active = len(self.calls)
-            if call.session.end_reason != "handed_over":
+            if call.adopter is None:
                 self.finished.append(call)
+        if call.adopter is not None:   # the transport closes the socket when this returns
+            await call.adopter.done.wait()
 
     def _resume(self, conversation_id: str, end: Endpoint) -> Call | None:
         """session.resume on a new socket: the call waiting for that conversation adopts it.
