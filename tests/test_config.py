@@ -42,6 +42,14 @@ def test_env_overrides_are_typed():
     ("", {}, "server.allow_unauthenticated"),
     ("", {**OK_ENV, "VOICEBRIDGE_NOPE_X": "1"}, "VOICEBRIDGE_NOPE_X"),
     ("[server\n", OK_ENV, "not valid TOML"),
+    # values that used to load and then broke the daemon (found in review)
+    ("[server]\nping_interval_s = 0\n", OK_ENV, "server.ping_interval_s"),
+    ("[server]\nping_interval_s = nan\n", OK_ENV, "server.ping_interval_s"),
+    ("[server]\npath = '/metrics'\n", OK_ENV, "server.path"),
+    ("[server]\npath = '/vb?x=1'\n", OK_ENV, "server.path"),
+    ("[log]\nrate_limit_per_s = 0.5\n", OK_ENV, "log.rate_limit_per_s"),
+    ("[server]\nmax_calls = 0\n", OK_ENV, "server.max_calls"),
+    ("[server]\nrecv_queue_bytes = 1000\n", OK_ENV, "server.recv_queue_bytes"),
 ])
 def test_invalid_config_names_the_key(tmp_path, toml, env, key):
     f = tmp_path / "c.toml"

@@ -155,3 +155,43 @@ async def test_slowloris_cannot_lock_out_a_real_call(logs):
     assert res.end_reason == "caller-hangup" and res.violations == [] and len(res.streams) == 1
     assert dropped >= 40                       # at most 20 were ever held
     assert logs.events("conn.refused")[0]["reason"] == "max_pending_handshakes"
+
+
+async def test_oversized_head_in_one_write_and_duplicate_auth_are_refused(logs):
+    """A request head over 16 KiB arriving in one piece gets 400; two Authorization headers
+    are a wrong token (401), never a 500."""
+    async with running() as (fake, bridge):
+        ws = await RawWs.connect("127.0.0.1", bridge.port)
+        ws.send(upgrade_request(bridge.cfg.server.path, "x", TOKEN, [("X-Pad", "p" * 40_000)]))
+        assert await ws.read_head(3.0) == 400
+        ws.abort()
+        ws = await RawWs.connect("127.0.0.1", bridge.port)
+        ws.send(upgrade_request(bridge.cfg.server.path, "x", TOKEN, [("Authorization", "Bearer x")]))
+        assert await ws.read_head(3.0) == 401
+        ws.abort()
+        assert fake.sessions == [] and bridge.stats.auth_rejected == 1
+
+
+async def test_waiting_calls_count_at_initiate_so_max_calls_bounds_openai_sessions(logs):
+    """max_calls 1: a dropped call waiting for its resume keeps its slot. Another call is
+    declined at session.initiate (no dial), and the waiting call's resume still gets in."""
+    async with running(server={"max_calls": 1}, call={"resume_grace_s": 5.0}) as (fake, bridge):
+        a = await _open(bridge)
+        a.send(text(INIT))
+        assert await wait_for(lambda: len(fake.sessions) == 1, 3.0)
+        a.abort()                                            # waiting for its resume now
+        assert await wait_for(lambda: any(c.waiting_for_resume for c in bridge.calls), 3.0)
+        b = await _open(bridge)
+        b.send(text(INIT.replace("lim-1", "lim-2")))
+        frames = await b.read_frames(2.0)
+        assert any(b'"session.error"' in p and b"capacity" in p for _, p in frames), frames
+        b.abort()
+        assert await wait_for(lambda: len(bridge.calls) == 1, 3.0)   # the declined one is gone
+        r = await _open(bridge)
+        r.send(text(json.dumps({"type": "session.resume", "conversationId": "lim-1"})))
+        frames = await r.read_frames(2.0)
+        assert any(b'"session.accepted"' in p for _, p in frames), frames
+        assert len(fake.sessions) == 1                       # never two OpenAI sessions
+        r.send(text(json.dumps({"type": "session.end", "conversationId": "lim-1"})))
+        assert await wait_for(lambda: not bridge.calls, 5.0)
+        r.abort()

@@ -45,12 +45,12 @@ class Call:
 
     def __init__(self, ac_end: Endpoint, cfg: Config, secrets: Secrets, *,
                  dialer: Dialer = dial, call_id: str = "", stats: Stats | None = None,
-                 resumer: Resumer | None = None) -> None:
+                 resumer: Resumer | None = None, admit: Callable[[], bool] | None = None) -> None:
         self.ac: Endpoint | None = ac_end
         self.up: Endpoint | None = None
         self.cfg = cfg
         self.stats = stats if stats is not None else Stats()
-        self.session = CallSession(cfg, secrets, self.stats, monotonic_ns(), call_id)
+        self.session = CallSession(cfg, secrets, self.stats, monotonic_ns(), call_id, admit=admit)
         self._dialer = dialer
         self._resumer = resumer
         self._attached = asyncio.Event()   # set when a VAIC socket is (re)attached or the call ends
@@ -102,6 +102,7 @@ class Call:
         for ep in (self.up, self.ac):
             if ep is not None:
                 ep.abort()
+        self._after()            # Finished: wakes a pump waiting for a resume
 
     async def _shutdown(self) -> None:
         sess = self.session
@@ -208,6 +209,8 @@ class Call:
                 if self.up is up:
                     self._openai_gone(up, e)
                 return
+            if self.up is not up:    # a replaced session's socket, still draining: not ours
+                continue
             t0 = monotonic_ns()
             r = openai_frame(frame, t0)
             self._after()

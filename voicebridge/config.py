@@ -189,7 +189,9 @@ def _check(cfg: Config, secrets: Secrets) -> None:
     s, o, a = cfg.server, cfg.openai, cfg.audio
     need(0 <= s.port <= 65535, "server.port", f"must be 0..65535, got {s.port}")
     need(s.path.startswith("/"), "server.path", f"must start with '/', got {s.path!r}")
-    need(s.path != "/health", "server.path", "'/health' is reserved")
+    need(s.path not in ("/health", "/metrics"), "server.path", f"{s.path!r} is reserved")
+    need("?" not in s.path and "#" not in s.path, "server.path", "must be a plain path, no query")
+    need(0 < s.ping_interval_s <= 3600, "server.ping_interval_s", "must be in (0, 3600]")
     need(s.transport in TRANSPORTS, "server.transport",
          f"unknown transport {s.transport!r}; known: {', '.join(sorted(TRANSPORTS))}")
     need(s.max_message_bytes >= 65536, "server.max_message_bytes", "must be at least 65536")
@@ -244,7 +246,7 @@ def _check(cfg: Config, secrets: Secrets) -> None:
     need(a.max_delta_ms >= 1000, "audio.max_delta_ms", "must be >= 1000")
     need(cfg.call.initiate_timeout_s > 0, "call.initiate_timeout_s", "must be > 0")
     need(cfg.call.idle_timeout_s > 0, "call.idle_timeout_s", "must be > 0")
-    need(cfg.log.rate_limit_per_s > 0, "log.rate_limit_per_s", "must be > 0")
+    need(cfg.log.rate_limit_per_s >= 1, "log.rate_limit_per_s", "must be >= 1")
     need(cfg.call.hangup_grace_s > 0, "call.hangup_grace_s", "must be > 0")
     need(cfg.call.start_wait_ms >= 0, "call.start_wait_ms", "must be >= 0")
 

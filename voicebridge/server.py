@@ -38,6 +38,7 @@ from typing import Any
 from . import __version__, transport
 from .bounds import clip
 from .call import Call, Dialer, limits_of
+from .session import Phase
 from .config import Config, Secrets
 from .log import Throttled, get_logger, install_loop_handler
 from .metrics import CONTENT_TYPE, prometheus_text
@@ -55,6 +56,14 @@ def _response(status: int, reason: str, body: dict[str, Any],
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
                ("Cache-Control", "no-store"), *(extra or [])]
     return HttpResponse(status, reason, headers, data)
+
+
+def _authorization(request: HttpRequest) -> bytes:
+    """The Authorization header; two of them count as a wrong one (never an error)."""
+    try:
+        return str(request.headers.get("Authorization", "")).encode()
+    except LookupError:
+        return b""
 
 
 def raise_nofile() -> tuple[int, int]:
@@ -103,7 +112,7 @@ class Bridge:
         if path in ("/health", "/metrics"):
             if self._admin_auth is None:
                 return _response(404, "Not Found", {"error": "served on the admin listener"})
-            got = request.headers.get("Authorization", "").encode()
+            got = _authorization(request)
             if not hmac.compare_digest(got, self._admin_auth):
                 self.noisy.emit("warning", "auth.rejected", peer=clip(request.remote, 64),
                                 path=path)
@@ -113,7 +122,7 @@ class Bridge:
         if path != self.cfg.server.path:
             return _response(404, "Not Found", {"error": "not found", "path": clip(path, 100)})
         if self._expected_auth is not None:
-            got = request.headers.get("Authorization", "").encode()
+            got = _authorization(request)
             if not hmac.compare_digest(got, self._expected_auth):
                 self.stats.auth_rejected += 1
                 self.noisy.emit("warning", "auth.rejected", peer=clip(request.remote, 64),
@@ -123,7 +132,10 @@ class Bridge:
         if self._stopping.is_set():
             return self._refuse("shutting_down", "the bridge is shutting down")
         # a call waiting for its session.resume is not counted: that resume must get through
-        if len(self.calls) - self._waiting() + self._n_reserved() >= self.max_calls:
+        # calls waiting for their session.resume are let past the cap, up to a tenth of it, so
+        # their resumes get in; a new call among those is declined at session.initiate (_admit)
+        allowance = min(self._waiting(), max(1, self.max_calls // 10))
+        if len(self.calls) - allowance + self._n_reserved() >= self.max_calls:
             return self._refuse("max_calls", f"at capacity ({self.max_calls} calls)")
         self._reserved.add(request.conn)   # released when the call starts, or by process_response
         return None
@@ -184,7 +196,7 @@ class Bridge:
     async def _handler(self, end: Endpoint, conn: Conn) -> None:
         self._reserved.discard(conn)
         call = Call(end, self.cfg, self.secrets, dialer=self.dialer, stats=self.stats,
-                    resumer=self._resume)
+                    resumer=self._resume, admit=self._admit)
         self.calls.add(call)
         self.stats.calls_active = len(self.calls)
         try:
@@ -209,14 +221,22 @@ class Bridge:
     def _waiting(self) -> int:
         return sum(1 for c in self.calls if c.waiting_for_resume)
 
+    def _admit(self) -> bool:
+        """At session.initiate: room for one more call? Calls waiting for their resume count
+        here (they hold an OpenAI session), though not at the upgrade, so their resumes get in."""
+        accepted = sum(1 for c in self.calls if c.session.phase is not Phase.INITIATING
+                       and c.adopter is None)
+        return accepted < self.max_calls
+
     # ------------------------------------------------------------------ lifecycle
     def _size_for_descriptors(self) -> None:
         s = self.cfg.server
         soft, hard = raise_nofile()
-        need = 2 * s.max_calls + s.max_pending_handshakes + FD_RESERVE
+        # 2 sockets per call, plus the waiting calls' allowance past the cap (process_request)
+        need = 2 * (s.max_calls + max(1, s.max_calls // 10)) + s.max_pending_handshakes + FD_RESERVE
         fields: dict[str, Any] = {"soft": soft, "hard": hard, "max_calls": s.max_calls}
         if need > soft:
-            self.max_calls = max(1, (soft - s.max_pending_handshakes - FD_RESERVE) // 2)
+            self.max_calls = max(1, (soft - s.max_pending_handshakes - FD_RESERVE) * 10 // 22)
             fields.update(max_calls=self.max_calls, clamped_from=s.max_calls,
                           hint="raise LimitNOFILE (systemd) or ulimit -n")
             self.log.warning("server.nofile", **fields)
@@ -264,6 +284,9 @@ class Bridge:
         if self._server is None:
             return
         self._stopping.set()
+        for call in list(self.calls):   # no resume can come any more: end them now
+            if call.waiting_for_resume:
+                call.abort()
         servers = [srv for srv in (self._server, self._admin) if srv is not None]
         for srv in servers:
             srv.close(close_connections=True)

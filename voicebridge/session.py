@@ -39,7 +39,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import deque
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import msgspec
 
@@ -181,6 +181,10 @@ VAIC_END_REASONS = {None: "vaic_closed", "closed": "vaic_closed",
                     "keepalive_timeout": "vaic_keepalive_timeout", "shutdown": "server_shutdown",
                     "send_buffer_full": "vaic_not_reading", "send_timeout": "vaic_not_reading"}
 
+# VAIC socket losses after which VAIC may come back with session.resume: it closed or dropped
+# the connection, or it went silent (no pong, not reading): a network blip looks like these
+RESUMABLE_CAUSES = (None, "keepalive_timeout", "send_timeout", "send_buffer_full")
+
 # what openai_frame() reports to the shell (for the forward-latency histogram)
 FORWARDED = 1      # a delta whose audio all went to VAIC at once
 
@@ -189,10 +193,13 @@ class CallSession:
     """One call's logic. See the module docstring for the contract."""
 
     def __init__(self, cfg: Config, secrets: Secrets, stats: Stats, now_ns: int,
-                 call_id: str = "") -> None:
+                 call_id: str = "", admit: Callable[[], bool] | None = None) -> None:
+        """`admit()`, asked at `session.initiate`, says whether the daemon has room for one more
+        call (calls waiting for a resume included); False declines it before any dial."""
         self.cfg = cfg
         self.secrets = secrets
         self.stats = stats
+        self._admit = admit
         self.call_id = call_id
         self.to_vaic: list[str] = []
         self.to_openai: list[str] = []
@@ -446,6 +453,9 @@ class CallSession:
             neg = negotiate(offered, self.cfg.audio.format_preference)
         except NoCommonFormat as e:
             return self._decline(str(e), offered, now_ns)
+        if self._admit is not None and not self._admit():
+            self.stats.calls_refused += 1
+            return self._decline("at capacity (server.max_calls)", offered, now_ns)
         a = self.cfg.audio
         self._neg = neg
         self._tc = make_transcoder(neg)
@@ -501,8 +511,8 @@ class CallSession:
         if self.phase is Phase.ENDED:
             return
         grace_s = self.cfg.call.resume_grace_s
-        if (self.phase is Phase.ACTIVE and cause is None and grace_s > 0 and not self.vaic_gone
-                and not self.end_reason):
+        if (self.phase is Phase.ACTIVE and cause in RESUMABLE_CAUSES and grace_s > 0
+                and not self.vaic_gone and not self.end_reason):
             self.vaic_detached(now_ns)
             self._detached_ns = now_ns
             self._resume_deadline = now_ns + int(grace_s * NS)

@@ -88,7 +88,7 @@ class RequestHead:
         or refused: the 400 has been written and the transport closed)."""
         buf = self.buf + data
         end = buf.find(b"\r\n\r\n")
-        if end < 0:
+        if end < 0 or end + 4 > MAX_REQUEST_HEAD_BYTES:
             if len(buf) > MAX_REQUEST_HEAD_BYTES:
                 self.refuse(transport, b"request head too large\n")
             else:
