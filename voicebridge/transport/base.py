@@ -66,6 +66,8 @@ MAX_QUEUED_MESSAGES = 64   # received, unread messages per connection (bytes: Li
 
 
 MAX_REQUEST_HEAD_BYTES = 16 * 1024
+READ_SLICE_BYTES = 8 * 1024    # received bytes parsed per loop turn (a tiny frame costs ~10 µs)
+MAX_PINGS_PER_S = 64           # pings from a peer; more in one second: close 1008
 _BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
                 b"Connection: close\r\n\r\n%s")
 

@@ -33,11 +33,11 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from .base import (MAX_QUEUED_MESSAGES, ConnectFailed, EndpointClosed, Handler, HttpRequest,
+from .base import (MAX_PINGS_PER_S, MAX_QUEUED_MESSAGES, READ_SLICE_BYTES, ConnectFailed, EndpointClosed, Handler, HttpRequest,
                    HttpResponse, Limits, ListenOptions, OnRefused, ProcessRequest,
                    ProcessResponse, RequestHead, closed_error, peer_name, retry_after_s)
 
-_TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
+_TEXT, _BINARY, _CONT, _PING, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PING, Opcode.PONG
 _tls: ssl_mod.SSLContext | None = None
 
 
@@ -59,6 +59,10 @@ class FastEndpoint(asyncio.Protocol):
         self.limits = limits
         self._handshake_timeout_s = handshake_timeout_s
         self._queued_bytes = 0
+        self._backlog = b""          # received, not parsed yet (see _feed)
+        self._transport_paused = False
+        self._pings = 0
+        self._pings_since = 0.0
         self._cause: str | None = None           # why we aborted it ourselves (send bounds)
         self._send_timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
@@ -103,12 +107,48 @@ class FastEndpoint(asyncio.Protocol):
             self._ping_handle = self._loop.call_later(self._ping_interval_s, self._ping_tick)
 
     def data_received(self, data: bytes) -> None:
-        proto = self.proto
         if self._head is not None and not self._head.done:   # server side, before the upgrade
             head = self._head.feed(data, self.transport)
             if head is None:
                 return
             data = head
+        if self._backlog:            # still working through an earlier read: keep the order
+            self._backlog += data
+            self._sync_reading()
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Parse at most `READ_SLICE_BYTES` per loop turn: a read full of tiny frames (tens of
+        thousands in 256 KB) must not hold the loop for seconds. The rest waits in `_backlog`,
+        with the socket not read, and is parsed on the next turns."""
+        if len(data) > READ_SLICE_BYTES:
+            self._backlog = data[READ_SLICE_BYTES:]
+            data = data[:READ_SLICE_BYTES]
+        self._parse(data)
+        self._sync_reading()
+        if self._backlog and not self._reading_paused and not self._lost:
+            self._loop.call_soon(self._continue)
+
+    def _continue(self) -> None:
+        if self._lost or self._reading_paused or not self._backlog:
+            return
+        data, self._backlog = self._backlog, b""
+        self._feed(data)
+
+    def _sync_reading(self) -> None:
+        """Read the socket only while there is no backlog and the queue has room."""
+        want_paused = bool(self._backlog) or self._reading_paused
+        transport = self.transport
+        if want_paused != self._transport_paused and transport is not None and not self._lost:
+            self._transport_paused = want_paused
+            if want_paused:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    def _parse(self, data: bytes) -> None:
+        proto = self.proto
         try:
             proto.receive_data(data)
         except Exception:  # the parser must never take the loop's callback down with it
@@ -134,7 +174,15 @@ class FastEndpoint(asyncio.Protocol):
                         break
                 elif op is _PONG:
                     self._awaiting_pong = False
-                # PING (pong queued by the protocol) and CLOSE (handled by it) need nothing here
+                elif op is _PING:          # answered by the protocol; a flood of them is not
+                    now = self._loop.time()
+                    if now - self._pings_since >= 1.0:
+                        self._pings_since, self._pings = now, 0
+                    self._pings += 1
+                    if self._pings > MAX_PINGS_PER_S:
+                        proto.fail(1008, "too many pings")
+                        break
+                # CLOSE is handled by the protocol
             elif type(ev) is Request:
                 if self.request is not None:  # a second request on one connection: refuse
                     self.abort()
@@ -151,6 +199,9 @@ class FastEndpoint(asyncio.Protocol):
             self._wake()
 
     def eof_received(self) -> bool | None:
+        if self._backlog:            # the peer is done sending: parse what is left first
+            data, self._backlog = self._backlog, b""
+            self._parse(data)
         self.proto.receive_eof()
         self._flush()
         self._wake()
@@ -194,7 +245,7 @@ class FastEndpoint(asyncio.Protocol):
              or self._queued_bytes > self.limits.recv_queue_bytes)
                 and not self._reading_paused and self.transport):
             self._reading_paused = True  # bounded memory: TCP backpressure on a fast sender
-            self.transport.pause_reading()
+            self._sync_reading()
         self._wake()
 
     def _wake(self) -> None:
@@ -253,8 +304,10 @@ class FastEndpoint(asyncio.Protocol):
                 if (self._reading_paused and len(self._queue) <= MAX_QUEUED_MESSAGES // 2
                         and self._queued_bytes <= self.limits.recv_queue_bytes // 2):
                     self._reading_paused = False
-                    if self.transport is not None and not self._lost:
-                        self.transport.resume_reading()
+                    if self._backlog:        # parse the rest of the last read first
+                        self._loop.call_soon(self._continue)
+                    else:
+                        self._sync_reading()
                 return data
             if self._lost or self.proto.state is not State.OPEN:
                 raise self._closed_error()

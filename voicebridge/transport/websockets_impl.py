@@ -20,7 +20,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from .base import (ConnectFailed, EndpointClosed, Handler, HttpRequest, HttpResponse, Limits,
+from .base import (MAX_PINGS_PER_S, READ_SLICE_BYTES, ConnectFailed, EndpointClosed, Handler, HttpRequest, HttpResponse, Limits,
                    ListenOptions, OnRefused, ProcessRequest, ProcessResponse, RequestHead,
                    closed_error, peer_name, retry_after_s)
 
@@ -65,19 +65,37 @@ class _SendBounds:
     _fragments = 0          # of the message being received
     protocol: Any
 
+    _pings = 0
+    _pings_since = 0.0
+
+    def _vb_fail(self, code: int, reason: str) -> None:
+        """Fail the connection: our close frame, then the socket is dropped after the close
+        timeout whether or not the peer (which may not read) answers it."""
+        self._fragments = -1                    # everything after this is discarded
+        self.protocol.fail(code, reason)
+        self.send_data()  # type: ignore[attr-defined]
+        self.loop.call_later(getattr(self, "close_timeout", None) or 2.0, self.transport.abort)
+
     def process_event(self, event: Any) -> None:
         """Fragments per message are bounded (`Limits.max_fragments`): the library's own limit
-        counts bytes, so empty continuation frames could pile up without one."""
+        counts bytes, so empty continuation frames could pile up without one. Pings from the
+        peer are bounded too (`MAX_PINGS_PER_S`)."""
         if type(event) is Frame:
             op = event.opcode
+            if op is Opcode.PING:
+                now = self.loop.time()
+                if now - self._pings_since >= 1.0:
+                    self._pings_since, self._pings = now, 0
+                self._pings += 1
+                if self._pings > MAX_PINGS_PER_S and self._fragments >= 0:
+                    self._vb_fail(1008, "too many pings")
+                return
             if op is Opcode.TEXT or op is Opcode.BINARY or op is Opcode.CONT:
                 if self._fragments < 0:         # failed already: the rest is discarded
                     return
                 self._fragments = 0 if event.fin else self._fragments + 1
                 if self._fragments > self.limits.max_fragments:
-                    self._fragments = -1
-                    self.protocol.fail(1009, "too many fragments")
-                    self.send_data()  # type: ignore[attr-defined]
+                    self._vb_fail(1009, "too many fragments")
                     return
         super().process_event(event)  # type: ignore[misc]
 
@@ -96,6 +114,8 @@ class BoundedServerConnection(_SendBounds, ServerConnection):
     on_refused: Any = None
     _head: RequestHead | None = None
 
+    _backlog = b""
+
     def data_received(self, data: bytes) -> None:
         if self._head is None:
             self._head = RequestHead()
@@ -104,7 +124,30 @@ class BoundedServerConnection(_SendBounds, ServerConnection):
             if head is None:
                 return
             data = head
+        if self._backlog:            # still working through an earlier read: keep the order
+            self._backlog += data
+            self.transport.pause_reading()
+            return
+        self._vb_feed(data)
+
+    def _vb_feed(self, data: bytes) -> None:
+        """At most `READ_SLICE_BYTES` per loop turn, as `fast_impl` does: the library parses
+        (and answers pings of) a whole read at once, which a read of tiny frames makes seconds."""
+        if len(data) > READ_SLICE_BYTES:
+            self._backlog = data[READ_SLICE_BYTES:]
+            data = data[:READ_SLICE_BYTES]
+            self.transport.pause_reading()
         super().data_received(data)
+        if self._backlog:
+            self.loop.call_soon(self._vb_continue)
+
+    def _vb_continue(self) -> None:
+        if self.transport is None or self.transport.is_closing() or not self._backlog:
+            return
+        data, self._backlog = self._backlog, b""
+        self._vb_feed(data)
+        if not self._backlog and not self.recv_messages.paused:   # the library's own pause stays
+            self.transport.resume_reading()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         pending = self.pending
