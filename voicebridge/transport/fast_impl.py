@@ -25,7 +25,6 @@ from collections import deque
 from typing import Any, Awaitable, Callable
 
 from websockets.client import ClientProtocol
-from websockets.datastructures import Headers
 from websockets.exceptions import InvalidURI
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
@@ -33,9 +32,10 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from .base import (MAX_PINGS_PER_S, MAX_QUEUED_MESSAGES, READ_SLICE_BYTES, ConnectFailed, EndpointClosed, Handler, HttpRequest,
-                   HttpResponse, Limits, ListenOptions, OnRefused, ProcessRequest,
-                   ProcessResponse, RequestHead, closed_error, peer_name, retry_after_s)
+from ._websockets_http import answer
+from .base import (MAX_PINGS_PER_S, MAX_QUEUED_MESSAGES, READ_SLICE_BYTES, ConnectFailed,
+                   EndpointClosed, Handler, Limits, ListenOptions, OnRefused, ProcessRequest,
+                   ProcessResponse, RequestHead, closed_error, retry_after_s)
 
 _TEXT, _BINARY, _CONT, _PING, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PING, Opcode.PONG
 _tls: ssl_mod.SSLContext | None = None
@@ -477,18 +477,12 @@ class FastServer:
             await self._server.wait_closed()
 
 
-def _response(r: HttpResponse) -> Response:
-    return Response(r.status, r.reason, Headers(r.headers), r.body)
-
-
 async def listen(handler: Handler, process_request: ProcessRequest, host: str, port: int, *,
                  opts: ListenOptions, process_response: ProcessResponse | None = None,
                  on_refused: OnRefused | None = None) -> FastServer:
     """`base`'s `listen` on `FastServer`."""
     def on_request(ep: FastEndpoint, request: Request) -> Response | None:
-        r = process_request(HttpRequest(request.path, request.headers,
-                                        peer_name(ep.remote_address), ep))
-        return None if r is None else _response(r)
+        return answer(process_request, request, ep, ep.remote_address)
 
     def on_response(ep: FastEndpoint, request: Request, response: Response) -> None:
         process_response(ep, response.status_code)  # type: ignore[misc]

@@ -14,15 +14,15 @@ from typing import Any, Sequence
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from .base import (MAX_PINGS_PER_S, READ_SLICE_BYTES, ConnectFailed, EndpointClosed, Handler, HttpRequest, HttpResponse, Limits,
+from ._websockets_http import answer
+from .base import (MAX_PINGS_PER_S, READ_SLICE_BYTES, ConnectFailed, EndpointClosed, Handler, Limits,
                    ListenOptions, OnRefused, ProcessRequest, ProcessResponse, RequestHead,
-                   closed_error, peer_name, retry_after_s)
+                   closed_error, retry_after_s)
 
 
 class _SendBounds:
@@ -234,10 +234,6 @@ class WsEndpoint:
         return transport.get_extra_info(name) if transport is not None else None
 
 
-def _response(r: HttpResponse) -> Response:
-    return Response(r.status, r.reason, Headers(r.headers), r.body)
-
-
 class WsListener:
     """`base.Listener` over websockets' `Server`."""
 
@@ -273,9 +269,7 @@ async def listen(handler: Handler, process_request: ProcessRequest, host: str, p
 
     def on_request(conn: BoundedServerConnection, request: Request) -> Response | None:
         conn.handshake_done()
-        r = process_request(HttpRequest(request.path, request.headers,
-                                        peer_name(conn.remote_address), conn))
-        return None if r is None else _response(r)
+        return answer(process_request, request, conn, conn.remote_address)
 
     def on_response(conn: BoundedServerConnection, request: Request, response: Response) -> None:
         process_response(conn, response.status_code)  # type: ignore[misc]
