@@ -172,3 +172,34 @@ async def test_vaic_gone_while_a_delta_is_forwarded_is_blamed_on_vaic():
     await asyncio.wait_for(task, 5)
     assert call.end_reason == "vaic_closed"
     assert up.code is not None
+
+
+async def test_shell_swaps_either_socket_mid_call():
+    """Call.swap_openai / swap_vaic: the call goes on over the new sockets; the new OpenAI socket
+    gets session.update first and the caller audio of the swap, the old ones are closed."""
+    vaic, up, up2, vaic2 = MemEnd(), MemEnd(), MemEnd(), MemEnd()
+
+    async def dialer(*a, **kw):
+        return up
+
+    call = Call(vaic, config(), SECRETS, dialer=dialer)
+    vaic.feed(initiate())
+    task = asyncio.create_task(call.run())
+    await asyncio.sleep(0.05)
+    chunk = {"type": "userStream.chunk", "conversationId": "c1",
+             "audioChunk": base64.b64encode(bytes(960)).decode()}
+    vaic.feed(chunk)
+    await asyncio.sleep(0.02)
+    await call.swap_openai(up2)
+    vaic.feed(chunk)
+    await asyncio.sleep(0.02)
+    assert up.code is not None                                   # the old one closed
+    assert up2.types()[0] == "session.update" and up2.types()[-1] == "input_audio_buffer.append"
+    call.swap_vaic(vaic2)
+    vaic2.feed(chunk)
+    await asyncio.sleep(0.02)
+    assert vaic.code is not None and call.ac is vaic2
+    assert up2.types().count("input_audio_buffer.append") == 2   # audio from the new VAIC socket
+    vaic2.feed({"type": "session.end", "conversationId": "c1"})
+    await asyncio.wait_for(task, 5)
+    assert call.end_reason == "vaic_session_end" and up2.code is not None

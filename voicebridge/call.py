@@ -379,11 +379,10 @@ class Call:
                 and sess.phase is Phase.ACTIVE)
 
     def swap_vaic(self, new: Endpoint) -> None:
-        """Replace the VAIC socket mid-call (the same call, the same OpenAI session)."""
-        old = self.ac
+        """Replace the VAIC socket mid-call (the same call, the same OpenAI session): the old
+        one is detached and closed, then the new one adopted as a resumed socket would be."""
+        old, self.ac = self.ac, None
         self.session.vaic_detached(monotonic_ns())
-        self.ac = new
         if old is not None:
             self._track(self._close_vaic(old))
-        self.session.vaic_attached(monotonic_ns())
-        self._after()
+        self.adopt_vaic(new)
