@@ -136,6 +136,7 @@ class Gen:
         self.budget = budget
         self.fmt = "raw/lpcm16_24"
         self._corpus: list[dict[str, Any]] | None = None
+        self.may_end = True    # False: the corpus holds no session.end (the call must outlive the frames)
 
     # ---------------------------------------------------------------- framing helpers
     def key(self, n: int = 0) -> bytes:
@@ -497,7 +498,8 @@ class Gen:
              "expectAudioMessages": True},
             self.simple("userStream.start"), self.simple("userStream.stop"),
             self.simple("userStream.chunk", audioChunk=base64.b64encode(self.audio_bytes(20)).decode()),
-            self.simple("session.end", reasonCode="client-disconnected", reason="Client Side"),
+            *([self.simple("session.end", reasonCode="client-disconnected", reason="Client Side")]
+              if self.may_end else []),
             self.simple("session.resume"), {"type": "connection.validate"},
             self.start_activity(), self.odd_activities(),
         ]
@@ -755,6 +757,9 @@ def make_plan(kind: str, g: Gen) -> Plan:
         plan = Plan(kind)
         if r.random() < 0.7:
             _activate(g, plan)
+        # the frames before the big one must not end the call (a mutated real session.end did,
+        # so the daemon rightly closed with 1000 before it read the oversized frame)
+        g.may_end, g._corpus = False, None
         plan.body += [g.active_frame() for _ in range(r.randint(0, 10))]
         if g.budget.real_oversize > 0 and g.budget.take(5 << 20):
             g.budget.real_oversize -= 1
