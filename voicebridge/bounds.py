@@ -61,10 +61,10 @@ def clip_list(values: Iterable[Any], n: int = ID_CHARS, max_items: int = MAX_LIS
 def is_b64(s: str) -> bool:
     """Strict base64 syntax check (see the module docstring); empty is valid."""
     n = len(s)
-    if n & 3:
+    if n & 3 or not s.isascii():   # isascii() is O(1) on a str: non-ASCII is out at once
         return False
-    if s.encode("utf-8", "surrogatepass").translate(None, _B64_ALPHABET):
-        return False  # a character outside the alphabet (", \, space, non-ASCII, ...)
+    if s.encode("ascii").translate(None, _B64_ALPHABET):
+        return False  # a character outside the alphabet (", \, space, control, ...)
     i = s.find("=")
     return i < 0 or i >= n - 2 and (i == n - 1 or s[n - 1] == "=")
 
