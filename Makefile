@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed
 BENCH_STAMP = $(VENV)/.installed-bench
 LINT_STAMP  = $(VENV)/.installed-lint
 
-.PHONY: demo test lint run check bench clean
+.PHONY: demo test lint run check bench clean promtool
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
+
+# promtool (for tests/test_metrics.py's `promtool check metrics`): Debian's prometheus package
+promtool:
+	@command -v promtool >/dev/null || { echo "promtool missing: installing Debian's prometheus package with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	promtool --version
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

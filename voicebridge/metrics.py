@@ -7,30 +7,36 @@ scrape. `StatsCollector.collect()` then reads the `Stats` and yields, per histog
   plus `+Inf` == count), `_sum` in seconds (exact), `_count`. A bucket's `le` count is
   `Histogram.cumulative_le` of the bound: exact at the bound unless the bound falls inside one
   of our log-linear buckets, then off by at most that bucket (< 0.8 % of the bound);
-* `voicebridge_<name>_quantile_seconds{quantile="0.5|0.9|0.99|0.999"}` (gauge): our own
-  percentiles since start (< 0.8 % high), NaN while the histogram is empty;
+  (our own exact-to-0.8 % percentiles are in the admin `/health`; Prometheus takes its
+  quantiles from the buckets with `histogram_quantile`, which, unlike a summary, aggregates
+  across instances — and `promtool check metrics` accepts no `quantile` label on a gauge);
 
 and `voicebridge_<counter>_total` for every counter of `stats.COUNTERS` (`calls_total` stays
 `voicebridge_calls_total`), `voicebridge_openai_errors_total{code}`,
 `voicebridge_call_ends_total{reason}`, `voicebridge_latency_clamped_total{histogram}` (values
-above a histogram's range), gauges `voicebridge_calls_active` and `voicebridge_uptime_seconds`.
+above a histogram's range), gauges `voicebridge_calls_active`, `voicebridge_uptime_seconds`,
+`voicebridge_draining` (1 from SIGTERM on), `voicebridge_config_reloads_total`,
+`voicebridge_build_info{version,python,transport}` (always 1), and the standard `process_*`
+metrics (CPU seconds, resident memory, open descriptors, start time) of prometheus_client's
+`ProcessCollector`. `promtool check metrics` passes on it (tests/test_metrics.py).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Iterable
+import platform
+from typing import Iterable, NamedTuple
 
 from prometheus_client import exposition
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFamily,
                                             HistogramMetricFamily, Metric)
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from .stats import COUNTERS, Stats
 
-__all__ = ["BUCKETS_US", "CONTENT_TYPE", "QUANTILES", "StatsCollector", "make_registry", "prometheus_text"]
+__all__ = ["BUCKETS_US", "CONTENT_TYPE", "DaemonInfo", "StatsCollector", "make_registry", "prometheus_text"]
 
 # The media type of what `generate_latest` writes. prometheus_client < 0.22 calls it
 # CONTENT_TYPE_LATEST; newer versions moved CONTENT_TYPE_LATEST to "version=1.0.0" but still write
@@ -46,17 +52,23 @@ BUCKETS_US: tuple[int, ...] = (
 )
 _LE: tuple[str, ...] = tuple(floatToGoString(b / 1e6) for b in BUCKETS_US) + ("+Inf",)  # type: ignore[no-untyped-call]
 
-# (label value, percentile for Histogram.percentiles)
-QUANTILES: tuple[tuple[str, float], ...] = (("0.5", 50), ("0.9", 90), ("0.99", 99), ("0.999", 99.9))
-
 PREFIX = "voicebridge_"
+
+
+class DaemonInfo(NamedTuple):
+    """What the daemon adds to `Stats` in a scrape."""
+    version: str = ""
+    transport: str = ""
+    draining: bool = False
+    reloads: int = 0
 
 
 class StatsCollector(Collector):
     """Reads one `Stats` at every `collect()` (scrape); holds no state of its own."""
 
-    def __init__(self, stats: Stats) -> None:
+    def __init__(self, stats: Stats, info: DaemonInfo | None = None) -> None:
         self.stats = stats
+        self.info = info
 
     def describe(self) -> list[Metric]:
         """No up-front description: the registry must not call `collect()` at registration."""
@@ -65,7 +77,6 @@ class StatsCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         st = self.stats
         hists = st.histograms()
-        quantiles = []
         clamped = CounterMetricFamily(PREFIX + "latency_clamped", "values above a latency histogram's range, "
                                       "recorded as its highest value", labels=["histogram"])
         for name, h in hists.items():
@@ -74,18 +85,7 @@ class StatsCollector(Collector):
                 f"{PREFIX}{name}_seconds", h.help,
                 buckets=list(zip(_LE, le_counts)),
                 sum_value=h.total / 1e6)
-            q = GaugeMetricFamily(f"{PREFIX}{name}_quantile_seconds",
-                                  f"{h.help}: percentile since start (upper bucket edge)",
-                                  labels=["quantile"])
-            if le_counts[-1]:
-                vals = [v / 1e6 for v in h.percentiles([p for _, p in QUANTILES])]
-            else:
-                vals = [math.nan] * len(QUANTILES)
-            for (label, _), v in zip(QUANTILES, vals):
-                q.add_metric([label], v)
-            quantiles.append(q)
             clamped.add_metric([name], h.clamped)
-        yield from quantiles
         yield clamped
 
         for name, help in COUNTERS.items():
@@ -106,15 +106,28 @@ class StatsCollector(Collector):
         yield ends
         yield GaugeMetricFamily(PREFIX + "uptime_seconds", "seconds since the process started",
                                 value=st.uptime_s())
+        info = self.info
+        if info is not None:
+            build = GaugeMetricFamily(PREFIX + "build_info", "the running build (always 1)",
+                                      labels=["version", "python", "transport"])
+            build.add_metric([info.version, platform.python_version(), info.transport], 1)
+            yield build
+            yield GaugeMetricFamily(PREFIX + "draining", "1 once SIGTERM began the drain",
+                                    value=int(info.draining))
+            yield CounterMetricFamily(PREFIX + "config_reloads", "configurations taken by SIGHUP",
+                                      value=info.reloads)
 
 
-def make_registry(stats: Stats) -> CollectorRegistry:
-    """A private registry holding only a `StatsCollector` for `stats` (no process/GC collectors)."""
+def make_registry(stats: Stats, info: DaemonInfo | None = None) -> CollectorRegistry:
+    """A private registry: a `StatsCollector` for `stats`; with `info` (the daemon's scrape)
+    also the build/draining gauges and the `process_*` metrics of this process."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(StatsCollector(stats))
+    reg.register(StatsCollector(stats, info))
+    if info is not None:
+        ProcessCollector(registry=reg)
     return reg
 
 
-def prometheus_text(stats: Stats) -> bytes:
+def prometheus_text(stats: Stats, info: DaemonInfo | None = None) -> bytes:
     """The Prometheus text exposition (format 0.0.4, `CONTENT_TYPE`) of `stats`, read now."""
-    return generate_latest(make_registry(stats))
+    return generate_latest(make_registry(stats, info))
