@@ -10,6 +10,9 @@ Contract: `setup(level)` once at start; modules take `get_logger()`. Per-frame c
 - Noisy events not tied to one call (failed auth, refused connections, library noise) go through
   `Throttled`, which writes at most `log.rate_limit_per_s` lines per second per event name and
   reports what it dropped as `suppressed=N` on the next line it writes.
+- Under systemd, when the output stream is the journal (`JOURNAL_STREAM` names its device and
+  inode), each line starts with its syslog priority `<N>` (debug 7, info 6, warning 4, error 3,
+  critical 2), which journald strips and stores as the priority. Otherwise lines are plain JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, MutableMapping, TextIO
+from typing import Any, Mapping, MutableMapping, TextIO
 
 import structlog
 
@@ -60,18 +63,43 @@ def _compact_exc(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMap
     return event
 
 
-class _SafeJSON:
-    """JSONRenderer that cannot fail: an unrenderable event becomes a minimal one."""
+# syslog priorities journald reads from a `<N>` line prefix (SyslogLevelPrefix=yes)
+_PRIORITY = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "warn": 4, "error": 3,
+             "exception": 3, "critical": 2, "fatal": 2}
 
-    def __init__(self) -> None:
+
+def connected_to_journal(stream: TextIO, env: Mapping[str, str] | None = None) -> bool:
+    """Whether `stream` is the journal stream systemd connected us to: `JOURNAL_STREAM` is
+    `<device>:<inode>` of it (a child whose output was redirected elsewhere still inherits the
+    variable, so it is compared with the stream's own descriptor)."""
+    value = (os.environ if env is None else env).get("JOURNAL_STREAM", "")
+    dev, sep, ino = value.partition(":")
+    if not sep:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError, AttributeError):   # no descriptor (StringIO), a bad value
+        return False
+
+
+class _SafeJSON:
+    """JSONRenderer that cannot fail: an unrenderable event becomes a minimal one.
+    `journal`: prefix each line with its syslog priority `<N>` (see the module docstring)."""
+
+    def __init__(self, journal: bool = False) -> None:
         self._render = structlog.processors.JSONRenderer()
+        self._journal = journal
 
     def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
         try:
-            return str(self._render(logger, name, event))
+            line = str(self._render(logger, name, event))
         except Exception as e:  # e.g. RecursionError on a deeply nested value
-            return json.dumps({"event": clip(event.get("event"), 64), "level": event.get("level"),
+            line = json.dumps({"event": clip(event.get("event"), 64), "level": event.get("level"),
                                "log_error": f"{type(e).__name__}: could not render fields"})
+        if self._journal:
+            return f"<{_PRIORITY.get(str(event.get('level')), 6)}>{line}"
+        return line
 
 
 class _LibraryFilter(logging.Filter):
@@ -93,14 +121,19 @@ def _add_suppressed(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutable
     return event
 
 
-def setup(level: str = "info", stream: TextIO | None = None, rate_limit_per_s: float = 5.0) -> None:
+def setup(level: str = "info", stream: TextIO | None = None, rate_limit_per_s: float = 5.0,
+          journal: bool | None = None) -> None:
+    """Configure structlog and the root logger to write JSON lines to `stream` (stdout).
+    `journal`: `<N>` priority prefixes on or off; None detects it (`connected_to_journal`)."""
     global _rate
     _rate = RateLimiter(rate_limit_per_s)
     out = stream or sys.stdout
+    if journal is None:
+        journal = connected_to_journal(out)
     shared: list[Any] = [structlog.processors.add_log_level,
               structlog.processors.TimeStamper(fmt="iso", utc=True), _redact, _compact_exc]
     structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, *shared, _SafeJSON()],
+        processors=[structlog.contextvars.merge_contextvars, *shared, _SafeJSON(journal)],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
@@ -110,7 +143,7 @@ def setup(level: str = "info", stream: TextIO | None = None, rate_limit_per_s: f
     handler.addFilter(_LibraryFilter())
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, _add_suppressed, *shared],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _SafeJSON()]))
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _SafeJSON(journal)]))
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_voicebridge", False):
