@@ -127,7 +127,20 @@ def main(argv: list[str] | None = None) -> int:
                     "(A, B, ...) against this tree (the last letter), alternating, at --levels (default "
                     "100,200); e.g. DIR = a git worktree of an earlier commit")
     ap.add_argument("--rounds", type=int, default=2, help="--ab: runs per variant and level (default 2)")
+    ap.add_argument("--soak", action="store_true", help="soak only: set up and tear down --soak-calls calls "
+                    "(normal ends, caller drops, OpenAI drops) and check the daemon's fds, tasks, active "
+                    "calls and RSS return to their start (see bench/soak.py)")
+    ap.add_argument("--soak-calls", type=int, default=5000, help="--soak: measured calls (default 5000)")
+    ap.add_argument("--soak-concurrency", type=int, default=50, help="--soak: calls at once (default 50)")
+    ap.add_argument("--soak-rss-tolerance-kib", type=int, default=None,
+                    help="--soak: RSS may end this far above its start (default 4096)")
+    ap.add_argument("--soak-warmup", type=int, default=None, help="--soak: warm-up calls before the start "
+                    "reading (default: half of --soak-calls, 100 .. 2500)")
+    ap.add_argument("--soak-results-dir", type=Path, default=None, help="--soak: where the JSON goes "
+                    "(default bench/results)")
     a = ap.parse_args(argv)
+    if a.soak and (a.soak_calls < 1 or a.soak_concurrency < 1 or (a.soak_warmup or 0) < 0):
+        ap.error("--soak-calls and --soak-concurrency must be at least 1, --soak-warmup at least 0")
 
     t_start = time.monotonic()
     quick_deadline = t_start + 100.0   # no new level starts after this (make bench <= 2 min)
@@ -138,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = orch.Opts(window_s=window, warmup_s=2.0 if a.full else 1.0, budget_ms=a.budget_ms, pin=pin,
                      transport=a.transport)
     say = lambda s: print(s, flush=True)
-    res: dict = {"timestamp": stamp, "mode": "full" if a.full else "quick", "budget_ms": a.budget_ms,
+    res: dict = {"timestamp": stamp, "mode": "soak" if a.soak else "full" if a.full else "quick", "budget_ms": a.budget_ms,
                  "machine": _machine(), "window_s": window, "ramp_window_s": ramp_window,
                  "pinned": pin, "levels": [], "direct": [], "targets": report.TARGETS,
                  "traffic": {"frame_ms": 20, "payload_bytes": 960, "format": "raw/lpcm16_24 <-> audio/pcm",
@@ -149,6 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     say(f"voicebridge bench ({res['mode']}) on {m['cpus']} CPUs ({m['cpu']}), python {m['python']}, "
         f"git {m['git']}; bridge on CPU {orch.BRIDGE_CPU}, generator on CPU {orch.GEN_CPU}"
         + ("" if pin else "  [NOT PINNED: fewer than 2 CPUs available, numbers are not comparable]"))
+
+    if a.soak:
+        from . import soak
+        sopts = soak.SoakOpts(calls=a.soak_calls, concurrency=a.soak_concurrency, transport=a.transport,
+                              pin=pin, results_dir=a.soak_results_dir or orch.RESULTS,
+                              warmup_calls=a.soak_warmup)
+        if a.soak_rss_tolerance_kib is not None:
+            sopts.rss_tolerance_kib = a.soak_rss_tolerance_kib
+        return 0 if soak.run(sopts, say, stamp, m)["pass"] else 1
 
     if a.ab:
         from . import ab

@@ -342,6 +342,12 @@ class _Conn(_ResponseMixin):
         await self.send("session.updated", session=new)
         if not self.updated_once:
             self.updated_once = True
+            chooser = self.cfg.drop_after_ms_for
+            if chooser is not None and self.drop_handle is None:
+                instructions = new.get("instructions")
+                drop_ms = chooser(instructions if isinstance(instructions, str) else "")
+                if drop_ms is not None:
+                    self.drop_handle = self.loop.call_later(max(0.0, drop_ms) / 1000, self._drop, None)
             for code in list(self.cfg.inject_errors):
                 if code == "server_error":
                     await self.send_error(

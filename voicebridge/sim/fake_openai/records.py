@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from websockets.datastructures import Headers
 
@@ -61,6 +61,13 @@ class FakeOpenAIConfig:
       with that code (e.g. 1011, 1001) and close. ``FakeSession.dropped_at`` records when. Read
       when the session is recorded (like ``session_limit_s``), so a test that wants one drop
       only sets it back to None as soon as the session is in ``FakeRealtimeServer.sessions``.
+    * ``drop_after_ms_for``: called once per session, with the ``instructions`` of its first
+      ``session.update`` (``""`` when it has none); a number it returns is the ms after that
+      update at which the session's TCP connection is aborted (no close frame, as
+      ``drop_after_s`` with ``drop_code`` None; ``FakeSession.dropped_at`` records when), None
+      leaves the session alone. So a test drops chosen calls only (e.g. the bridge's instructions
+      carry the caller): the function decides, e.g. only the first session of a caller, so its
+      replacement after the bridge reconnects is kept. Ignored when ``drop_after_s`` is set.
     * ``fail_responses``: the first ``len(fail_responses)`` responses of each session fail, one
       code per response: ``response.created``, then ``response.done`` with ``status: "failed"``,
       ``status_details: {"type": "failed", "error": {"type": code, "code": code}}``, no output
@@ -108,6 +115,7 @@ class FakeOpenAIConfig:
     silent: bool = False
     bad_delta: str | None = None
     stop_reading_after_s: float | None = None
+    drop_after_ms_for: Callable[[str], float | None] | None = None
 
 
 @dataclass(eq=False)
