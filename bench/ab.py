@@ -23,7 +23,7 @@ from . import orchestrate as orch
 def _added(r: dict, d: dict, k: str, p: str) -> float | None:
     b = (r.get(f"{k}_us") or {}).get(p)
     base = (d.get(f"{k}_us") or {}).get(p)
-    return None if b is None or base is None else b - base
+    return None if b is None or base is None else round(b - base, 1)
 
 
 def _row(r: dict, d: dict, calls: int) -> dict[str, Any]:

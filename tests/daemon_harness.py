@@ -319,6 +319,8 @@ def daemon_env(fake_port: int, port: int, admin_port: int | None, extra: dict[st
         "VOICEBRIDGE_CALL_HANGUP_GRACE_S": "2",
         "VOICEBRIDGE_OPENAI_CONNECT_BUDGET_S": "3",
         "VOICEBRIDGE_CALL_RESUME_GRACE_S": "0",   # a dropped socket ends its call at once
+        # SIGTERM ends calls still open at once (a test that drains sets its own)
+        **({"VOICEBRIDGE_SERVER_DRAIN_TIMEOUT_S": "0"} if config_has("server", "drain_timeout_s") else {}),
         "PYTHONUNBUFFERED": "1",
     })
     if admin_port is not None:
@@ -329,12 +331,15 @@ def daemon_env(fake_port: int, port: int, admin_port: int | None, extra: dict[st
 
 async def start_daemon(fake: FakeRealtimeServer | int, tmp_dir: Path, *,
                        nofile: tuple[int, int] | None = None, name: str = "daemon",
+                       preexec: Callable[[], None] | None = None, config_path: Path | None = None,
                        **extra_env: Any) -> Daemon:
     """Start the daemon wired to `fake` (a server or its port); bounded wait for `/health`.
 
     `extra_env`: more environment, e.g. `VOICEBRIDGE_SERVER_MAX_CALLS=20`. `nofile`: (soft, hard)
-    RLIMIT_NOFILE for the child. The admin listener gets a free port when this checkout's
-    configuration has `server.admin_port` (`Daemon.admin_port` is None otherwise).
+    RLIMIT_NOFILE for the child; `preexec`: called in the child before exec (e.g. a prctl). The
+    admin listener gets a free port when this checkout's configuration has `server.admin_port`
+    (`Daemon.admin_port` is None otherwise). `config_path`: the config file (default: the repo's
+    config.toml; a test that reloads passes its own copy).
     Raises DaemonStartError (with the daemon's output) if it exits or never answers.
     """
     fake_port = fake if isinstance(fake, int) else fake.port
@@ -353,11 +358,14 @@ async def start_daemon(fake: FakeRealtimeServer | int, tmp_dir: Path, *,
         if nofile is not None:
             import resource
             resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+        if preexec is not None:
+            preexec()
 
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "voicebridge", "--config", str(ROOT / "config.toml")],
+        proc = subprocess.Popen([sys.executable, "-m", "voicebridge", "--config",
+                                 str(config_path or ROOT / "config.toml")],
                                 env=env, stdout=out, stderr=err, cwd=ROOT,
-                                preexec_fn=limits if nofile is not None else None)
+                                preexec_fn=limits if nofile is not None or preexec is not None else None)
     d = Daemon(proc=proc, port=port, admin_port=admin_port, log_path=out_path, err_path=err_path, env=env)
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:

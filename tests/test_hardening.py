@@ -1055,8 +1055,9 @@ async def test_N_hangup_noticed_while_upstream_not_reading_and_O_sigterm_deadlin
     """N: OpenAI stops reading, the bridge's sends to it back up (big send buffer here, so it is
     not aborted): the caller's session.end is still noticed at once, the OpenAI socket is closed
     within ~1 s. O: SIGTERM with a stuck upstream (and a silent one) exits within
-    server.shutdown_timeout_s (3 s) + margin, exit status 0."""
+    server.shutdown_timeout_s (3 s) + margin, exit status 0 (no drain: drain_timeout_s = 0)."""
     d = await start_daemon(fake, tmp_path, name="slowup", **{
+        "VOICEBRIDGE_SERVER_DRAIN_TIMEOUT_S": "0",
         "VOICEBRIDGE_SERVER_SEND_BUFFER_BYTES": str(256 * MB),
         "VOICEBRIDGE_SERVER_SEND_TIMEOUT_S": "60",
         "VOICEBRIDGE_SERVER_SHUTDOWN_TIMEOUT_S": "3",
@@ -1113,9 +1114,10 @@ async def test_N_hangup_noticed_while_upstream_not_reading_and_O_sigterm_deadlin
 
 async def test_O_second_sigterm_exits_at_once_and_Q_1001(fake, tmp_path):
     """O: a second SIGTERM during a slow shutdown ends the process at once
-    (server.shutdown_forced). Q: a call running at shutdown gets close 1001 and is logged
-    call.end reason server_shutdown (not vaic_closed)."""
+    (server.shutdown_forced). Q: a call running at shutdown (no drain here) is hung up by the
+    bridge and logged call.end reason server_shutdown (not vaic_closed)."""
     d = await start_daemon(fake, tmp_path, name="sigterm2", **{
+        "VOICEBRIDGE_SERVER_DRAIN_TIMEOUT_S": "0",
         "VOICEBRIDGE_SERVER_SHUTDOWN_TIMEOUT_S": "30",
         "VOICEBRIDGE_SERVER_SEND_BUFFER_BYTES": str(256 * MB),
         "VOICEBRIDGE_SERVER_SEND_TIMEOUT_S": "60"})
@@ -1146,8 +1148,10 @@ async def test_O_second_sigterm_exits_at_once_and_Q_1001(fake, tmp_path):
                        exit_code=rc, alive_before_second=still, close_code_q=res.close_code)
         deaf.abort()
         stuck.abort()
-        assert res.close_code == 1001, (res.close_code, res.end_reason)
-        assert end and end[0]["reason"] == "server_shutdown" and end[0]["detail"] == "code=1001", end
+        assert res.end_reason == "bot-hangup", (res.close_code, res.end_reason)
+        hang = [a for a in res.received_activities if a.get("name") == "hangup"]
+        assert hang and hang[0]["activityParams"]["hangupReason"].startswith("server_shutdown"), hang
+        assert end and end[0]["reason"] == "server_shutdown", end
         assert still, "the graceful shutdown ended before the second SIGTERM: nothing to force"
         assert rc is not None and secs < 1.5, (rc, secs)
         forced = d.events("server.shutdown_forced")
@@ -1161,8 +1165,8 @@ async def test_O_second_sigterm_exits_at_once_and_Q_1001(fake, tmp_path):
 # ------------------------------------------------------------------------------------ P + Q
 
 
-async def test_P_sighup_ignored_and_Q_close_codes(fake, tmp_path):
-    """P: SIGHUP during a call is logged (server.sighup_ignored) and ignored: the call completes
+async def test_P_sighup_reloads_and_Q_close_codes(fake, tmp_path):
+    """P: SIGHUP during a call reloads the configuration (server.reloaded): the call completes
     losslessly, the daemon keeps serving. Q: keepalive timeout -> vaic_keepalive_timeout (1011);
     VAIC's own close code and a dropped TCP connection (1006) are logged as they were."""
     d = await start_daemon(fake, tmp_path, name="sighup", **{"VOICEBRIDGE_SERVER_PING_INTERVAL_S": "1"})
@@ -1175,7 +1179,8 @@ async def test_P_sighup_ignored_and_Q_close_codes(fake, tmp_path):
         d.signal(signal.SIGHUP)
         out = await clean
         assert d.alive()
-        assert await d.wait_event("server.sighup_ignored", 2.0)
+        reloaded = await d.wait_event("server.reloaded", 2.0)
+        assert reloaded and reloaded["changed"] == [] and reloaded["restart_needed"] == [], reloaded
         after_task = spawn(clean_call(d, fake))   # runs beside the Q checks below
         # without VOICEBRIDGE_ADMIN_TOKEN the public /metrics does not exist
         assert (await d.http_get("/metrics"))[0] == 404

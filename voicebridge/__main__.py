@@ -26,16 +26,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"voicebridge: invalid configuration: {e}", file=sys.stderr)
         return 2
-    setup(cfg.log.level, rate_limit_per_s=cfg.log.rate_limit_per_s)
-    if cfg.openai.provider == "openai" and not secrets.openai_api_key:
-        get_logger().warning("config.no_openai_key", hint="set OPENAI_API_KEY; calls will fail to connect")
-    if cfg.openai.provider == "azure" and not secrets.azure_api_key:
-        get_logger().warning("config.no_azure_key", hint="set AZURE_OPENAI_API_KEY; calls will fail to connect")
+    key_env = "OPENAI_API_KEY" if cfg.openai.provider == "openai" else "AZURE_OPENAI_API_KEY"
+    has_key = bool(secrets.openai_api_key if cfg.openai.provider == "openai" else secrets.azure_api_key)
     if args.check:
-        print("configuration OK")
+        if not has_key:
+            print(f"voicebridge: invalid configuration: openai.provider = {cfg.openai.provider!r} "
+                  f"needs {key_env} in the environment", file=sys.stderr)
+            return 2
+        print(f"configuration OK ({args.config})")
         return 0
+    setup(cfg.log.level, rate_limit_per_s=cfg.log.rate_limit_per_s)
+    if not has_key:
+        get_logger().warning("config.no_api_key", provider=cfg.openai.provider,
+                             hint=f"set {key_env}; calls will fail to connect")
     try:
-        uvloop.run(Bridge(cfg, secrets).serve_forever())
+        uvloop.run(Bridge(cfg, secrets, config_path=args.config).serve_forever())
     except OSError as e:  # e.g. the port is in use: one clear line, not a traceback
         get_logger().error("server.start_failed", error=str(e)[:200], host=cfg.server.host,
                            port=cfg.server.port, admin_port=cfg.server.admin_port)

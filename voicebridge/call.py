@@ -96,6 +96,13 @@ class Call:
         there, so whoever runs this one must keep the connection open until `adopter.done`."""
         return self._adopter
 
+    def shutdown(self) -> None:
+        """The drain is over: hang up politely (`CallSession.shutdown`); the call then ends
+        as any hung-up call does (VAIC's session.end, or `call.hangup_grace_s`)."""
+        if not self._finished:
+            self.session.shutdown(monotonic_ns())
+            self._after()
+
     def abort(self) -> None:
         """Abort both sockets at once (a forced shutdown); the pumps then end the call."""
         self.session.abandon("server_shutdown", "aborted")
@@ -131,6 +138,8 @@ class Call:
         self._rebind()
         if sess.end_reason == "handed_over":
             self.log.info("call.resume_handoff")
+        elif sess.end_reason == "validate":   # logged as call.validate: no call, no call.end
+            pass
         else:
             self.log.info("call.end", **sess.end_fields(monotonic_ns()))
         self.done.set()
@@ -213,7 +222,12 @@ class Call:
                 continue
             t0 = monotonic_ns()
             r = openai_frame(frame, t0)
-            self._after()
+            if sess.effects or sess.marks or sess.to_openai or self._in_after:
+                self._after()
+            else:                # the common case of a delta: only chunks for VAIC (hot path)
+                if sess.to_vaic:
+                    self._send_all(self.ac, sess.to_vaic, vaic=True)
+                self._rearm()
             if r == FORWARDED:
                 record_down((monotonic_ns() - t0) // 1000)
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -48,6 +49,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     recv_queue_bytes: int = 4 * 1024 * 1024
     max_fragments: int = 128
     shutdown_timeout_s: float = 10.0
+    drain_timeout_s: float = 60.0      # SIGTERM: calls go on this long, then are hung up
+    ready_dial_fail_s: float = 30.0    # /ready is 503 once every OpenAI dial failed for this long
     # the admin listener: /metrics and the detailed /health (-1: none, 0: any free port)
     admin_host: str = "127.0.0.1"
     admin_port: int = 8081
@@ -113,6 +116,26 @@ class CallConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     rate_limit_per_s: float = 5.0
+    mask_numbers: bool = False         # caller/callee numbers logged as +4930******67
+
+
+# JWT signature algorithms [oauth] may allow: asymmetric only (never "none" or HS*, whose
+# secret would have to be the public JWKS)
+OAUTH_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                    "ES256", "ES384", "ES512", "EdDSA")
+
+
+class OAuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """VAIC's OAuth mode: the bearer may be a JWT from the customer's OAuth server (oauth.py)."""
+    enabled: bool = False
+    jwks_url: str = ""                 # the OAuth server's JWK Set, http(s)://
+    issuer: str = ""                   # required `iss`
+    audience: str = ""                 # required `aud`
+    algorithms: list[str] = msgspec.field(default_factory=lambda: ["RS256"])
+    leeway_s: float = 30.0             # allowed clock skew for exp / nbf / iat
+    jwks_refresh_s: float = 300.0      # periodic refetch (and retry after a failed fetch)
+    jwks_min_refresh_s: float = 10.0   # an unknown kid refetches early, at most this often
+    jwks_timeout_s: float = 5.0        # one fetch, connect to last byte
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -121,6 +144,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     audio: AudioConfig = msgspec.field(default_factory=AudioConfig)
     call: CallConfig = msgspec.field(default_factory=CallConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    oauth: OAuthConfig = msgspec.field(default_factory=OAuthConfig)
 
 
 class Secrets(msgspec.Struct, frozen=True):
@@ -195,8 +219,9 @@ def _check(cfg: Config, secrets: Secrets) -> None:
     need(s.transport in TRANSPORTS, "server.transport",
          f"unknown transport {s.transport!r}; known: {', '.join(sorted(TRANSPORTS))}")
     need(s.max_message_bytes >= 65536, "server.max_message_bytes", "must be at least 65536")
-    need(s.allow_unauthenticated or bool(secrets.token), "server.allow_unauthenticated",
-         "VOICEBRIDGE_TOKEN is not set; set it, or set allow_unauthenticated = true explicitly")
+    need(s.allow_unauthenticated or bool(secrets.token) or cfg.oauth.enabled, "server.allow_unauthenticated",
+         "VOICEBRIDGE_TOKEN is not set; set it, or set oauth.enabled = true, "
+         "or set allow_unauthenticated = true explicitly")
     need(o.connect_timeout_s > 0, "openai.connect_timeout_s", "must be > 0")
     need(0 < o.close_timeout_s <= 1.0, "openai.close_timeout_s",
          "must be in (0, 1]: an open Realtime session is billed")
@@ -232,6 +257,8 @@ def _check(cfg: Config, secrets: Secrets) -> None:
          "must be at least server.max_message_bytes")
     need(1 <= s.max_fragments <= 100_000, "server.max_fragments", "must be within 1..100000")
     need(s.shutdown_timeout_s > 0, "server.shutdown_timeout_s", "must be > 0")
+    need(0 <= s.drain_timeout_s <= 86400, "server.drain_timeout_s", "must be within 0..86400")
+    need(s.ready_dial_fail_s > 0, "server.ready_dial_fail_s", "must be > 0")
     need(-1 <= s.admin_port <= 65535, "server.admin_port", "must be -1 (off), 0 (any) or a port")
     need(s.admin_port <= 0 or s.admin_port != s.port, "server.admin_port",
          "must differ from server.port")
@@ -249,6 +276,27 @@ def _check(cfg: Config, secrets: Secrets) -> None:
     need(cfg.log.rate_limit_per_s >= 1, "log.rate_limit_per_s", "must be >= 1")
     need(cfg.call.hangup_grace_s > 0, "call.hangup_grace_s", "must be > 0")
     need(cfg.call.start_wait_ms >= 0, "call.start_wait_ms", "must be >= 0")
+    _check_oauth(cfg.oauth, need)
+
+
+def _check_oauth(oa: OAuthConfig, need: Callable[[bool, str, str], None]) -> None:
+    """[oauth], checked only when enabled."""
+    if not oa.enabled:
+        return
+    url = urlsplit(oa.jwks_url)
+    need(url.scheme in ("http", "https") and bool(url.hostname), "oauth.jwks_url",
+         f"must be an http:// or https:// URL of the OAuth server's JWK Set, got {oa.jwks_url[:100]!r}")
+    need(bool(oa.issuer), "oauth.issuer", "must name the token issuer (the `iss` claim) when oauth is enabled")
+    need(bool(oa.audience), "oauth.audience", "must name the audience (the `aud` claim) when oauth is enabled")
+    need(bool(oa.algorithms), "oauth.algorithms", "must list at least one algorithm")
+    for alg in oa.algorithms:
+        need(alg in OAUTH_ALGORITHMS, "oauth.algorithms",
+             f"{alg[:20]!r} is not allowed; allowed (asymmetric only): {', '.join(OAUTH_ALGORITHMS)}")
+    need(0 <= oa.leeway_s <= 600, "oauth.leeway_s", "must be within 0..600")
+    need(0 < oa.jwks_timeout_s <= 60, "oauth.jwks_timeout_s", "must be in (0, 60]")
+    need(0.1 <= oa.jwks_min_refresh_s <= 3600, "oauth.jwks_min_refresh_s", "must be within 0.1..3600")
+    need(oa.jwks_min_refresh_s <= oa.jwks_refresh_s <= 86400, "oauth.jwks_refresh_s",
+         "must be within oauth.jwks_min_refresh_s..86400")
 
 
 def load_secrets(env: Mapping[str, str] | None = None) -> Secrets:

@@ -16,7 +16,8 @@ HTTP handling happens in `process_request`, before any websocket exists. Public 
 - `GET /metrics`, `GET /health?detail=1` -> only with `Authorization: Bearer $VOICEBRIDGE_ADMIN_TOKEN`
   (404 when no admin token is configured: they live on the admin listener);
 - any path but `server.path` -> 404;
-- `server.path`: `Authorization: Bearer <VOICEBRIDGE_TOKEN>` checked in constant time -> 401;
+- `server.path`: `Authorization: Bearer <VOICEBRIDGE_TOKEN>` checked in constant time, or a
+  valid JWT of VAIC's OAuth mode with `[oauth]` (`oauth.py`) -> else 401;
   more than `server.max_calls` calls -> 503 with `Retry-After`; both before the upgrade, so no
   OpenAI session is started.
 Admin listener (`server.admin_host:admin_port`, loopback by default): `/health` with the latency
@@ -35,16 +36,40 @@ import time
 from collections import deque
 from typing import Any
 
+import msgspec
+
 from . import __version__, transport
 from .bounds import clip
 from .call import Call, Dialer, limits_of
+from .procinfo import process_figures
+from .realtime import target
 from .session import Phase
-from .config import Config, Secrets
-from .log import Throttled, get_logger, install_loop_handler
-from .metrics import CONTENT_TYPE, prometheus_text
+from .config import Config, ConfigError, Secrets, load_config
+from .log import Throttled, get_logger, install_loop_handler, setup
+from .metrics import CONTENT_TYPE, DaemonInfo, prometheus_text
+from .oauth import JwtValidator
 from .stats import Stats
+from .systemd import Heartbeat, Notifier
 from .transport import (Conn, Endpoint, Handler, HttpRequest, HttpResponse, Listener,
                         ListenOptions, ProcessRequest, ProcessResponse)
+
+# server.* keys a SIGHUP reload applies at once; the others are bound to the listening sockets
+RELOADABLE_SERVER_KEYS = frozenset({
+    "server.path", "server.max_calls", "server.metrics_cache_s", "server.drain_timeout_s",
+    "server.shutdown_timeout_s", "server.ready_dial_fail_s", "server.allow_unauthenticated"})
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configuration structs."""
+    out: list[str] = []
+    for f in msgspec.structs.fields(type(old)):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if isinstance(a, msgspec.Struct) and type(a) is type(b):
+            out += _changed_keys(a, b, f"{prefix}{f.name}.")
+        elif a != b:
+            out.append(prefix + f.name)
+    return out
+
 
 FD_RESERVE = 64          # descriptors kept free for logs, the admin listener, dials in progress
 ADMIN_MAX_PENDING = 16   # admin connections in their request at once
@@ -82,7 +107,8 @@ def raise_nofile() -> tuple[int, int]:
 class Bridge:
     """The voicebridge server. `async with Bridge(cfg, secrets) as b:` in tests."""
 
-    def __init__(self, cfg: Config, secrets: Secrets, *, dialer: Dialer | None = None) -> None:
+    def __init__(self, cfg: Config, secrets: Secrets, *, dialer: Dialer | None = None,
+                 config_path: str | None = None) -> None:
         self.cfg = cfg
         self.secrets = secrets
         self.transport = transport.get(cfg.server.transport)
@@ -99,16 +125,29 @@ class Bridge:
         self._reserved: set[Conn] = set()  # connections let through whose call has not started
         self._expected_auth = (f"Bearer {secrets.token}".encode() if secrets.token else None)
         self._admin_auth = (f"Bearer {secrets.admin_token}".encode() if secrets.admin_token else None)
+        # [oauth]: the bearer may also be a JWT of VAIC's OAuth mode (checked on the cached JWKS)
+        self._jwt = JwtValidator(cfg.oauth) if cfg.oauth.enabled else None
         self._metrics_cache: tuple[float, bytes] = (-1e9, b"")
-        self._stopping = asyncio.Event()
-        self._force = asyncio.Event()
+        self._stopping = asyncio.Event()   # set by the first SIGTERM/SIGINT: the drain begins
+        self._force = asyncio.Event()      # set by the second: everything is aborted at once
+        self._no_calls = asyncio.Event()   # set whenever no call is left
+        self._no_calls.set()
+        self.config_path = config_path     # re-read on SIGHUP (None: reload unavailable)
+        self.reloads = 0
+        self.notifier = Notifier.from_env()    # systemd READY/STATUS/WATCHDOG; a no-op without it
+        self._heartbeat: Heartbeat | None = None
 
     # ------------------------------------------------------------------ HTTP before upgrade
     def process_request(self, request: HttpRequest) -> HttpResponse | None:
         """Public listener, before the upgrade; None lets the upgrade through."""
         path, _, query = request.path.partition("?")
         if path == "/health" and "detail" not in query:
-            return _response(200, "OK", self.liveness())
+            live = self.liveness()   # 503 while draining: a balancer stops routing calls here
+            if self._stopping.is_set():
+                return _response(503, "Service Unavailable", live, [("Retry-After", "5")])
+            return _response(200, "OK", live)
+        if path == "/ready":
+            return self.readiness()
         if path in ("/health", "/metrics"):
             if self._admin_auth is None:
                 return _response(404, "Not Found", {"error": "served on the admin listener"})
@@ -121,16 +160,22 @@ class Bridge:
             return self.admin_request(request)
         if path != self.cfg.server.path:
             return _response(404, "Not Found", {"error": "not found", "path": clip(path, 100)})
-        if self._expected_auth is not None:
-            got = _authorization(request)
-            if not hmac.compare_digest(got, self._expected_auth):
+        if self._expected_auth is not None or self._jwt is not None:
+            why = self._bearer_failure(_authorization(request))
+            if why is not None:
                 self.stats.auth_rejected += 1
                 self.noisy.emit("warning", "auth.rejected", peer=clip(request.remote, 64),
-                                has_header="Authorization" in request.headers)
+                                has_header="Authorization" in request.headers, why=why)
                 return _response(401, "Unauthorized", {"error": "invalid or missing bearer token"},
                                  [("WWW-Authenticate", "Bearer")])
         if self._stopping.is_set():
-            return self._refuse("shutting_down", "the bridge is shutting down")
+            # draining: only as many upgrades as calls wait for their session.resume (a new
+            # call among them is declined at session.initiate by _admit)
+            if self._n_reserved() >= self._waiting():
+                return self._refuse("draining", "the bridge is draining: try another instance",
+                                    retry_after_s=5)
+            self._reserved.add(request.conn)
+            return None
         # a call waiting for its session.resume is not counted: that resume must get through
         # calls waiting for their session.resume are let past the cap, up to a tenth of it, so
         # their resumes get in; a new call among those is declined at session.initiate (_admit)
@@ -139,6 +184,15 @@ class Bridge:
             return self._refuse("max_calls", f"at capacity ({self.max_calls} calls)")
         self._reserved.add(request.conn)   # released when the call starts, or by process_response
         return None
+
+    def _bearer_failure(self, got: bytes) -> str | None:
+        """None if `got` (the Authorization header) is the permanent token (constant-time
+        compare) or a valid JWT ([oauth]); else the reason, e.g. `wrong_token`, `expired`."""
+        if self._expected_auth is not None and hmac.compare_digest(got, self._expected_auth):
+            return None
+        if self._jwt is None:
+            return "wrong_token" if got else "missing"
+        return self._jwt.check(got)
 
     def _n_reserved(self) -> int:
         if self._reserved:   # drop connections that died between the answer and the handler
@@ -150,10 +204,11 @@ class Bridge:
         if status != 101:
             self._reserved.discard(conn)
 
-    def _refuse(self, why: str, text: str) -> HttpResponse:
+    def _refuse(self, why: str, text: str, retry_after_s: int = 1) -> HttpResponse:
         self.stats.calls_refused += 1
         self.noisy.emit("warning", "conn.refused", reason=why, active_calls=len(self.calls))
-        return _response(503, "Service Unavailable", {"error": text}, [("Retry-After", "1")])
+        return _response(503, "Service Unavailable", {"error": text},
+                         [("Retry-After", str(retry_after_s))])
 
     def _on_refused(self, why: str) -> None:
         self.noisy.emit("warning", "conn.refused", reason=why)
@@ -173,24 +228,53 @@ class Bridge:
         now = time.monotonic()
         at, body = self._metrics_cache
         if now - at >= self.cfg.server.metrics_cache_s or not body:
-            body = prometheus_text(self.stats)
+            body = prometheus_text(self.stats, DaemonInfo(
+                version=__version__, transport=self.cfg.server.transport,
+                draining=self._stopping.is_set(), reloads=self.reloads))
             self._metrics_cache = (now, body)
         return body
 
+    def readiness(self) -> HttpResponse:
+        """`GET /ready`: 200 when new calls are welcome; 503 while draining, or when every
+        OpenAI dial has failed for `server.ready_dial_fail_s` (calls would only be hung up)."""
+        if self._stopping.is_set():
+            return _response(503, "Service Unavailable", {"ready": False, "why": "draining"},
+                             [("Retry-After", "5")])
+        failing_s = self.stats.dials_failing_s(time.monotonic_ns())
+        if failing_s >= self.cfg.server.ready_dial_fail_s:
+            return _response(503, "Service Unavailable",
+                             {"ready": False, "why": "openai_unreachable",
+                              "failing_s": round(failing_s, 1),
+                              "dial_failures": self.stats.dial_fail_streak},
+                             [("Retry-After", "5")])
+        return _response(200, "OK", {"ready": True, "active_calls": len(self.calls)})
+
     def liveness(self) -> dict[str, Any]:
-        return {"status": "stopping" if self._stopping.is_set() else "ok",
+        return {"status": "draining" if self._stopping.is_set() else "ok",
                 "version": __version__, "active_calls": len(self.calls),
                 "uptime_s": round(time.monotonic() - self.started_at, 1)}
 
+    def status_text(self) -> str:
+        """The systemd STATUS= line (cheap: called once a second)."""
+        n = len(self.calls)
+        state = "draining" if self._stopping.is_set() else f"listening on {self.cfg.server.host}:{self.port}"
+        return f"{state}, {n} call{'' if n == 1 else 's'}"
+
     def health(self) -> dict[str, Any]:
+        """Admin /health: liveness, call counts, the latency histograms and `process` (open fds,
+        asyncio tasks, RSS KiB: what `python -m bench --soak` checks returns to its start)."""
         return {**self.liveness(), "calls_total": self.stats.calls_total,
                 "max_calls": self.max_calls,
-                "latency_us": {name: h.snapshot() for name, h in self.stats.histograms().items()}}
+                "latency_us": {name: h.snapshot() for name, h in self.stats.histograms().items()},
+                "process": process_figures()}
 
     def dump_stats(self) -> None:
-        """SIGUSR1: all stats as one structured log event, then a human-readable table."""
+        """SIGUSR1: all stats as one structured log event, then a human-readable table, one
+        `stats.table` line per row (readable in `journalctl` as it is, no `jq` needed)."""
         self.log.info("stats.dump", **self.stats.snapshot())
-        self.log.info("stats.table", table=self.stats.table())
+        for line in self.stats.table().splitlines():
+            if line.strip():
+                self.log.info("stats.table", line=line)
 
     # ------------------------------------------------------------------ per connection
     async def _handler(self, end: Endpoint, conn: Conn) -> None:
@@ -198,12 +282,15 @@ class Bridge:
         call = Call(end, self.cfg, self.secrets, dialer=self.dialer, stats=self.stats,
                     resumer=self._resume, admit=self._admit)
         self.calls.add(call)
+        self._no_calls.clear()
         self.stats.calls_active = len(self.calls)
         try:
             await call.run()
         finally:
             self.calls.discard(call)
             self.stats.calls_active = len(self.calls)
+            if not self.calls:
+                self._no_calls.set()
             if call.adopter is None:
                 self.finished.append(call)
         if call.adopter is not None:   # the transport closes the socket when this returns
@@ -224,6 +311,8 @@ class Bridge:
     def _admit(self) -> bool:
         """At session.initiate: room for one more call? Calls waiting for their resume count
         here (they hold an OpenAI session), though not at the upgrade, so their resumes get in."""
+        if self._stopping.is_set():     # draining: resumes only, no new calls
+            return False
         accepted = sum(1 for c in self.calls if c.session.phase is not Phase.INITIATING
                        and c.adopter is None)
         return accepted < self.max_calls
@@ -265,16 +354,21 @@ class Bridge:
             self._admin = await self._listen(self._handler, self.admin_request, s.admin_host,
                                              s.admin_port, ADMIN_MAX_PENDING)
             admin_port = self._admin.sockets[0].getsockname()[1]
+        if self._jwt is not None:   # the first JWKS fetch, bounded; a failure is only a warning
+            await self._jwt.start()
         self.log.info("server.listening", host=s.host, port=self.port, path=s.path,
                       admin_host=s.admin_host if admin_port is not None else None,
                       admin_port=admin_port, transport=s.transport, max_calls=self.max_calls,
-                      auth="bearer" if self._expected_auth else "none",
-                      openai=self.cfg.openai.provider, model=self.cfg.openai.model)
+                      auth="+".join(n for n, on in (("bearer", self._expected_auth is not None),
+                                                    ("oauth", self._jwt is not None)) if on) or "none",
+                      version=__version__, openai=self.cfg.openai.provider,
+                      openai_endpoint=clip(target(self.cfg.openai, Secrets())[0], 200), model=self.cfg.openai.model)
 
     @property
     def port(self) -> int:
         assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
 
     @property
     def admin_port(self) -> int | None:
@@ -292,6 +386,8 @@ class Bridge:
             srv.close(close_connections=True)
         for srv in servers:
             await srv.wait_closed()
+        if self._jwt is not None:
+            await self._jwt.aclose()
         self.log.info("server.stopped", finished_calls=len(self.finished))
 
     def abort_all(self) -> None:
@@ -306,33 +402,115 @@ class Bridge:
         if self._stopping.is_set():
             self._force.set()      # a second SIGTERM/SIGINT: no more waiting
         else:
+            self.notifier.stopping()   # systemd: STOPPING=1 on the first signal
             self._stopping.set()
 
     def _on_sighup(self) -> None:
-        self.log.warning("server.sighup_ignored", detail="configuration reload is not supported yet; "
-                         "restart to apply a new configuration")
+        self.reload()
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read `config_path` (and the environment's overrides). New calls get the
+        new configuration, calls in progress keep theirs (each `Call` holds its own). An invalid
+        file keeps the old configuration and logs one error. Listener settings (host, ports,
+        transport, socket bounds) and the secrets take effect only at a restart: the log says
+        which changed keys those are. Returns whether the new configuration was taken."""
+        if self.config_path is None:
+            self.log.warning("server.reload_unavailable", detail="started without a config file")
+            return False
+        if self._stopping.is_set():
+            self.log.warning("server.reload_ignored", detail="draining")
+            return False
+        self.notifier.reloading()
+        try:
+            cfg, secrets = load_config(self.config_path)
+        except ConfigError as e:
+            self.log.error("server.reload_failed", error=clip(str(e), 300), path=self.config_path,
+                           detail="the previous configuration stays in force")
+            self.notifier.ready(self.status_text())
+            return False
+        old = self.cfg
+        changed = _changed_keys(old, cfg)
+        restart = [k for k in changed if k.split(".")[0] in ("server", "oauth")
+                   and k not in RELOADABLE_SERVER_KEYS]
+        if secrets != self.secrets:
+            restart.append("(secrets in the environment)")
+        # what a restart would take stays as it was, so the running listeners and the config agree
+        cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(
+            old.server, **{k.split(".", 1)[1]: getattr(cfg.server, k.split(".", 1)[1])
+                           for k in changed if k in RELOADABLE_SERVER_KEYS}))
+        if any(k.startswith("oauth.") for k in restart):
+            cfg = msgspec.structs.replace(cfg, oauth=old.oauth)
+        self.cfg = cfg
+        if "server.max_calls" in changed:
+            self._size_for_descriptors()
+        if any(k.startswith("log.") for k in changed):
+            setup(cfg.log.level, rate_limit_per_s=cfg.log.rate_limit_per_s)
+            self.log = get_logger()
+            self.noisy = Throttled(self.log)
+        self.reloads += 1
+        self.log.info("server.reloaded", path=self.config_path,
+                      changed=[k for k in changed if k not in restart][:50],
+                      restart_needed=restart[:50])
+        self.notifier.ready(self.status_text())
+        return True
 
     async def serve_forever(self) -> None:
         await self.start()
         loop = asyncio.get_running_loop()
+        status = self.status_text()
+        self.notifier.ready(status)
+        self._heartbeat = Heartbeat(self.notifier, loop, self.status_text)
+        self._heartbeat.start(status)   # watchdog pings and STATUS= updates: loop timers
         install_loop_handler(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         loop.add_signal_handler(signal.SIGUSR1, self.dump_stats)
         await self._stopping.wait()
-        self.log.info("server.signal", active_calls=len(self.calls),
-                      shutdown_timeout_s=self.cfg.server.shutdown_timeout_s)
         await self.shutdown()
+        self._heartbeat.stop()   # the watchdog pings on through the bounded shutdown, not after
+
+    async def _until(self, event: asyncio.Event, timeout_s: float) -> None:
+        """Wait for `event`, at most `timeout_s`, and no longer once a second signal came."""
+        if timeout_s <= 0 or event.is_set() or self._force.is_set():
+            return
+        waits = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(self._force.wait())}
+        try:
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     async def shutdown(self) -> None:
-        """`stop()` within `server.shutdown_timeout_s`, or until a second signal; then abort."""
+        """The drain, then the end (README "Operations"):
+        1. new calls get 503 and `/health` says draining; calls in progress go on until they
+           end or `server.drain_timeout_s` passes;
+        2. each call left is hung up politely (hangup activity, OpenAI closed) and given
+           `call.hangup_grace_s` (at most half of `server.shutdown_timeout_s`) to end;
+        3. the listeners close (what is still open gets 1001); past `server.shutdown_timeout_s`
+           after the drain everything is aborted. A second SIGTERM/SIGINT jumps to the abort."""
         self._stopping.set()
+        s = self.cfg.server
+        t0 = time.monotonic()
+        at_signal = len(self.calls)
+        self.log.info("server.draining", active_calls=at_signal, drain_timeout_s=s.drain_timeout_s)
+        await self._until(self._no_calls, s.drain_timeout_s)
+        left = [c for c in self.calls if c.adopter is None]
+        drained_s = time.monotonic() - t0
+        t_end = time.monotonic()
+        if left and not self._force.is_set():
+            for call in left:
+                call.shutdown()
+            await self._until(self._no_calls, min(self.cfg.call.hangup_grace_s,
+                                                  s.shutdown_timeout_s / 2))
+        self.log.info("server.drained", calls_at_signal=at_signal,
+                      drained=max(0, at_signal - len(left)), ended_by_timeout=len(left),
+                      drain_s=round(drained_s, 2), forced=self._force.is_set())
         stopping = asyncio.ensure_future(self.stop())
         forced = asyncio.ensure_future(self._force.wait())
         try:
-            await asyncio.wait({stopping, forced}, timeout=self.cfg.server.shutdown_timeout_s,
-                               return_when=asyncio.FIRST_COMPLETED)
+            rest_s = max(0.0, s.shutdown_timeout_s - (time.monotonic() - t_end))
+            await asyncio.wait({stopping, forced}, timeout=rest_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             forced.cancel()
         if not stopping.done():

@@ -7,7 +7,7 @@ classification, timeouts and ending. It never touches a socket, a task or a cloc
 
 - **events in**, each with `now_ns` (the shell's `time.monotonic_ns()`): `vaic_frame`,
   `openai_connected`, `openai_connect_failed`, `openai_frame`, `openai_lost`, `vaic_lost`,
-  `vaic_attached`, `timer`;
+  `vaic_attached`, `timer`, `shutdown` (the daemon's drain is over: hang up politely);
 - **out**: `to_vaic` and `to_openai` (frames, in order, for the shell to send and clear),
   `effects` (`Dial`, `CloseOpenAI`, `CloseVaic`, `Log`, `Finished`: what the shell must do, in
   order), `marks` (histograms to record once the frames above have been sent), and
@@ -45,7 +45,7 @@ import msgspec
 
 from . import audiocodes as ac
 from . import realtime as rt
-from .audio import (WAV_HEADER_ON_PLAY_START, NoCommonFormat, Negotiated, Transcoder,
+from .audio import (WAV_HEADER_ON_PLAY_START, NoCommonFormat, Negotiated, Transcoder, b64_decoded_len,
                     make_transcoder, ms_of_b64, negotiate, wav_header)
 from .bounds import ID_CHARS, OnceKeys, clip, clip_list, is_b64
 from .config import Config, Secrets
@@ -209,12 +209,17 @@ class CallSession:
         self.counters = CallCounters()
         self.phase = Phase.INITIATING
         self.upstream = Upstream.IDLE
+        # audio may go to OpenAI (upstream CONFIGURING or READY): kept by `_up`, read per frame
+        self.up_ready = False
+        self._idle_ns = int(cfg.call.idle_timeout_s * NS)
         self.started_ns = now_ns
         self.end_reason = ""
         self.end_detail = ""
         self.format = ""
         self.caller = ""
         self.callee = ""
+        self.openai_session_id = ""     # the current one (session.created), for call.end
+        self.openai_sessions = 0        # sessions created for this call (reconnects, rotations)
         self.last_truncate: tuple[str, int] | None = None
         self.openai_connect_ms: float | None = None
         self.active_response: str | None = None
@@ -290,16 +295,12 @@ class CallSession:
         if nxt is None:
             raise IllegalTransition(f"upstream {self.upstream.value} has no '{event}'")
         self.upstream = nxt
+        self.up_ready = nxt is Upstream.CONFIGURING or nxt is Upstream.READY
 
     @property
     def _vaic_ok(self) -> bool:
         """Frames for VAIC make sense: the call is active and has a VAIC socket."""
         return self.phase is Phase.ACTIVE and not self.vaic_gone
-
-    @property
-    def up_ready(self) -> bool:
-        """Audio may go to OpenAI: the socket is open and session.update was sent."""
-        return self.upstream is Upstream.CONFIGURING or self.upstream is Upstream.READY
 
     def playout_state(self) -> PlayState:
         po = self.playout
@@ -315,6 +316,21 @@ class CallSession:
             self._set_end(reason, detail)
             self.phase = Phase.ENDED      # the escape hatch; not a table transition
             self._end_now()
+
+    def shutdown(self, now_ns: int) -> None:
+        """The daemon is stopping and the drain is over: hang up politely (VAIC gets a hangup
+        activity, the OpenAI socket is closed); a call not yet initiated just ends."""
+        try:
+            if self.phase is Phase.ACTIVE:
+                self._set_end("server_shutdown", "the bridge is stopping (drain over)")
+                self._log("info", "call.shutdown_hangup")
+                self._hang_up("server_shutdown", "the bridge is stopping", now_ns)
+            elif self.phase is Phase.INITIATING:
+                self._set_end("server_shutdown", "the bridge is stopping")
+                self._go("timeout")
+                self._end_now()
+        except Exception as e:
+            self._internal_error(e, now_ns)
 
     def internal_error(self, e: Exception, now_ns: int) -> None:
         """A bug (in the shell or here): log it, hang up with a reason, end the call."""
@@ -341,7 +357,17 @@ class CallSession:
         try:
             ev = self.proto.receive(frame)
             if type(ev) is ac.UserStreamChunk:
-                return self._caller_audio(ev.audioChunk, now_ns)
+                payload = ev.audioChunk
+                if (self.up_ready and self._tc is None and 0 < len(payload) <= self._max_frame_chars
+                        and is_b64(payload)):         # the common case, inline (hot path)
+                    self.counters.frames_up += 1
+                    self._last_audio_ns = now_ns
+                    st = self.stats
+                    st.frames_up += 1
+                    n = len(payload)    # decoded bytes (b64_decoded_len, inline: strict base64)
+                    st.bytes_up += (n >> 2) * 3 - (payload[n - 1] == "=") - (payload[n - 2] == "=")
+                    return self._app_prefix + payload + self._app_suffix
+                return self._caller_audio(payload, now_ns)
             self._vaic_control(ev, now_ns)
         except Exception as e:   # a bug must end the call cleanly, never hang it
             self._internal_error(e, now_ns)
@@ -372,7 +398,7 @@ class CallSession:
         if self.up_ready:
             st = self.stats
             st.frames_up += 1
-            st.bytes_up += len(payload)
+            st.bytes_up += b64_decoded_len(payload)
             return self._app_prefix + payload + self._app_suffix
         self._buffer_early(payload)
         return None
@@ -382,7 +408,7 @@ class CallSession:
         audio for the next session, in order, as during any gap."""
         payload = frame[len(self._app_prefix):len(frame) - len(self._app_suffix)]
         self.stats.frames_up -= 1
-        self.stats.bytes_up -= len(payload)
+        self.stats.bytes_up -= b64_decoded_len(payload)
         if self.cfg.openai.reconnect and self.phase is Phase.ACTIVE and self._neg is not None:
             self._buffer_early(payload)
 
@@ -471,10 +497,19 @@ class CallSession:
         self._last_audio_ns = now_ns
         self.marks.append((self.stats.call_setup, now_ns))   # initiate -> accepted sent
         self.stats.calls_total += 1
-        self._log("info", "call.start", conversation_id=self.call_id, caller=self.caller,
+        self._log("info", "call.start", conversation_id=self.call_id, caller=self._number(self.caller),
                   bot=clip(init.botName, ID_CHARS), offered=clip_list(offered), format=neg.ac.name,
                   openai_format=neg.openai_format["type"], passthrough=neg.passthrough)
         return None
+
+    def _number(self, number: str) -> str:
+        """A caller/callee number as logged: masked when `log.mask_numbers`, keeping the first
+        characters (at most 5, at most a third) and the last two (at most a quarter)."""
+        if not self.cfg.log.mask_numbers or not number:
+            return number
+        keep_head = min(5, len(number) // 3)
+        keep_tail = min(2, len(number) // 4)
+        return number[:keep_head] + "*" * (len(number) - keep_head - keep_tail) + number[len(number) - keep_tail:]
 
     def _decline(self, reason: str, offered: list[str], now_ns: int) -> None:
         self.stats.calls_rejected += 1
@@ -496,7 +531,8 @@ class CallSession:
             self.callee = clip(params.get("callee"), ID_CHARS)
             self.caller = clip(params.get("caller"), ID_CHARS) or self.caller
             self._start_seen = True
-            self._log("info", "call.start_activity", callee=self.callee, caller=self.caller)
+            self._log("info", "call.start_activity", callee=self._number(self.callee),
+                      caller=self._number(self.caller))
             if self.up_ready:
                 self._after_start()
         elif name in ("playfinished", "dtmf", "nouserinput"):
@@ -592,6 +628,7 @@ class CallSession:
                               retry_after_s: float | None = None) -> None:
         """A dial failed. Network errors, 5xx and 429 are retried with back-off (a 429's
         Retry-After honoured) while `openai.connect_budget_s` lasts; 4xx others are not."""
+        self.stats.note_dial(False, now_ns)
         if self.upstream is not Upstream.DIALLING:
             return
         if self.phase is Phase.ACTIVE and (status is None or status >= 500 or status == 429):
@@ -612,6 +649,7 @@ class CallSession:
 
     def openai_connected(self, now_ns: int) -> None:
         """The OpenAI socket is open: configure it and flush what the caller said meanwhile."""
+        self.stats.note_dial(True, now_ns)
         try:
             self._up("connected")
             connect_us = (now_ns - self._t_dial_ns) // 1000
@@ -640,7 +678,7 @@ class CallSession:
                 payload = self._early.popleft()
                 out.append(prefix + payload + suffix)
                 st.frames_up += 1
-                st.bytes_up += len(payload)
+                st.bytes_up += b64_decoded_len(payload)
             self._early_ms = 0.0
             if not replacing:
                 self._log("info", "call.upstream_ready", connect_ms=self.openai_connect_ms,
@@ -757,15 +795,18 @@ class CallSession:
         if not is_b64(ev.delta):  # never into the chunk template: no injection towards VAIC
             self._log_first_n("oai_bad_audio", "call.openai_bad_audio", reason="delta is not base64")
             return False
-        if ms_of_b64(ev.delta, neg.openai_bytes_per_ms) > self.cfg.audio.max_delta_ms:
+        delta_ms = ms_of_b64(ev.delta, neg.openai_bytes_per_ms)
+        if delta_ms > self.cfg.audio.max_delta_ms:
             self._log_first_n("oai_bad_audio", "call.openai_bad_audio",
                               reason=f"delta longer than audio.max_delta_ms ({self.cfg.audio.max_delta_ms} ms)")
             return False
-        item = clip(ev.item_id, ID_CHARS)
-        if item not in self._item_oai_ms and len(self._item_oai_ms) >= 8:
-            self._item_oai_ms.clear()  # bounded: only the last few items can still be truncated
-        self._item_oai_ms[item] = self._item_oai_ms.get(item, 0.0) + ms_of_b64(
-            ev.delta, neg.openai_bytes_per_ms)
+        item = ev.item_id
+        if len(item) > ID_CHARS:
+            item = clip(item, ID_CHARS)
+        oai_ms = self._item_oai_ms
+        if item not in oai_ms and len(oai_ms) >= 8:
+            oai_ms.clear()  # bounded: only the last few items can still be truncated
+        oai_ms[item] = oai_ms.get(item, 0.0) + delta_ms
         first = item != self._last_pushed_item
         self._last_pushed_item = item
         payload = ev.delta
@@ -831,6 +872,10 @@ class CallSession:
         elif t is rt.ErrorEvent:
             self._on_error(ev.error, now_ns)
         elif t is rt.SessionCreated:
+            sid = ev.session.get("id")
+            if isinstance(sid, str) and sid:
+                self.openai_session_id = clip(sid, ID_CHARS)
+                self.openai_sessions += 1
             self._session_event(1)
         elif t is rt.SessionUpdated:
             self._session_event(2)
@@ -977,7 +1022,8 @@ class CallSession:
         self.counters.frames_down += 1
         st = self.stats
         st.frames_down += 1
-        st.bytes_down += len(payload)
+        n = len(payload)            # decoded bytes (b64_decoded_len, inline: strict, padded base64)
+        st.bytes_down += (n >> 2) * 3 - (payload[n - 1] == "=") - (payload[n - 2] == "=")
         if self._t_first_delta_ns:
             self.marks.append((st.turn_overhead, self._t_first_delta_ns))
             self._t_first_delta_ns = 0
@@ -994,8 +1040,11 @@ class CallSession:
         if phase is Phase.ENDED:
             return None
         best = 0
-        for d in (self._greet_deadline, self._session_deadline, self._idle_deadline(),
-                  self._redial_at, self._rotate_at, self._resume_deadline):
+        if not self.vaic_gone:           # the idle deadline (`_idle_deadline`), inline: per delta
+            quiet_ns, played_ns = self._last_audio_ns, int(self.playout.play_end_t * NS)
+            best = (quiet_ns if quiet_ns > played_ns else played_ns) + self._idle_ns
+        for d in (self._greet_deadline, self._session_deadline, self._redial_at, self._rotate_at,
+                  self._resume_deadline):
             if d and (not best or d < best):
                 best = d
         if self.playout.pending and not self.vaic_gone:   # detached: nothing can be sent
@@ -1011,7 +1060,7 @@ class CallSession:
         if self.phase is not Phase.ACTIVE or self.vaic_gone:
             return 0
         quiet_from = max(self._last_audio_ns, int(self.playout.play_end_t * NS))
-        return quiet_from + int(self.cfg.call.idle_timeout_s * NS)
+        return quiet_from + self._idle_ns
 
     def timer(self, now_ns: int) -> None:
         """Whatever is due at `now_ns`: paced audio, delayed stops, timeouts."""
@@ -1113,7 +1162,8 @@ class CallSession:
         c = self.counters
         st = self.stats
         reason = self.end_reason or "unknown"
-        st.count_call_end(reason)
+        if reason != "validate":        # a connectivity check is not a call, nor a call end
+            st.count_call_end(reason)
         st.truncates += c.truncates
         st.barge_ins += c.barge_ins
         st.late_deltas_dropped += c.late_deltas_dropped
@@ -1131,4 +1181,5 @@ class CallSession:
                     late_deltas_dropped=c.late_deltas_dropped, early_buffered=c.early_buffered,
                     early_dropped=c.early_dropped, playout_refused=c.playout_refused,
                     openai_errors=c.openai_errors, bad_frames_in=c.bad_frames_in,
-                    openai_connect_ms=self.openai_connect_ms)
+                    openai_connect_ms=self.openai_connect_ms,
+                    openai_session_id=self.openai_session_id, openai_sessions=self.openai_sessions)

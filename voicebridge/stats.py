@@ -301,8 +301,8 @@ COUNTERS: dict[str, str] = {
     "auth_rejected": "upgrades refused with HTTP 401 (bad or missing bearer token)",
     "frames_up": "caller audio frames forwarded to OpenAI",
     "frames_down": "playStream.chunk messages sent to VAIC",
-    "bytes_up": "base64 characters of caller audio forwarded",
-    "bytes_down": "base64 characters of assistant audio forwarded",
+    "bytes_up": "bytes of caller audio forwarded (decoded, as sent to OpenAI)",
+    "bytes_down": "bytes of assistant audio forwarded (decoded, as sent to VAIC)",
     "truncates": "conversation.item.truncate sent",
     "barge_ins": "barge-ins handled",
     "late_deltas_dropped": "deltas of cancelled responses dropped",
@@ -319,7 +319,8 @@ class Stats:
     reasons. `started` is `time.monotonic()` at creation.
     """
 
-    __slots__ = (*HISTOGRAMS, *COUNTERS, "errors", "call_ends", "started")
+    __slots__ = (*HISTOGRAMS, *COUNTERS, "errors", "call_ends", "started", "dial_fail_streak",
+                 "dial_fail_since_ns")
 
     up_forward: Histogram
     down_forward: Histogram
@@ -345,6 +346,8 @@ class Stats:
     errors: dict[str, int]
     call_ends: dict[str, int]
     started: float
+    dial_fail_streak: int        # OpenAI dials failed in a row, daemon-wide (0 after a success)
+    dial_fail_since_ns: int      # monotonic ns of the first failure of that streak
 
     def __init__(self) -> None:
         for name, help in HISTOGRAMS.items():
@@ -354,6 +357,24 @@ class Stats:
         self.errors = {}
         self.call_ends = {}
         self.started = time.monotonic()
+        self.dial_fail_streak = 0
+        self.dial_fail_since_ns = 0
+
+    def note_dial(self, ok: bool, now_ns: int) -> None:
+        """One OpenAI dial attempt ended (any call): feeds the daemon's readiness."""
+        if ok:
+            self.dial_fail_streak = 0
+            self.dial_fail_since_ns = 0
+        else:
+            if not self.dial_fail_streak:
+                self.dial_fail_since_ns = now_ns
+            self.dial_fail_streak += 1
+
+    def dials_failing_s(self, now_ns: int) -> float:
+        """Seconds since every OpenAI dial started failing (at least 2 in a row), else 0."""
+        if self.dial_fail_streak < 2:
+            return 0.0
+        return (now_ns - self.dial_fail_since_ns) / 1e9
 
     def histograms(self) -> dict[str, Histogram]:
         """name -> Histogram, in display order."""

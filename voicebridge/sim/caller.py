@@ -551,7 +551,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "connection failure or timeout.",
     )
     add = parser.add_argument
-    add("--url", required=True, help="bot URL, e.g. ws://127.0.0.1:8080/")
+    add("--url", required=True, help="bot URL; with the default config.toml: ws://127.0.0.1:8080/voicebridge")
     add("--token", default=os.environ.get("VOICEBRIDGE_TOKEN"),
         help="bearer token (default: $VOICEBRIDGE_TOKEN; no Authorization header if unset)")
     add("--format", dest="formats", action="append", metavar="FORMAT",
