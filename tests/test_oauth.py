@@ -90,6 +90,7 @@ class JwksServer:
         self.status = 200
         self.delay_s = 0.0
         self.raw: bytes | None = None
+        self.location: str | None = None    # set: answer `status` (a 3xx) with this Location
         self.hits = 0
         outer = self
 
@@ -100,6 +101,8 @@ class JwksServer:
                     time.sleep(outer.delay_s)
                 body = outer.raw if outer.raw is not None else json.dumps({"keys": outer.keys}).encode()
                 self.send_response(outer.status)
+                if outer.location is not None:
+                    self.send_header("Location", outer.location)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -373,6 +376,17 @@ def test_fetch_refuses_an_oversized_content_length(keys):
             fetch_jwks(srv.url, 2.0)
 
 
+def test_fetch_follows_no_redirect(keys):
+    """The keys come from exactly the configured URL: a redirect (even to a server that serves
+    a valid key set) is an error, never a fetch from elsewhere."""
+    with jwks_server([jwk_of(keys["a"], "a")]) as good, jwks_server() as redirecting:
+        redirecting.status, redirecting.location = 302, good.url
+        with pytest.raises(Exception, match="HTTP 302"):
+            fetch_jwks(redirecting.url, 2.0)
+        assert good.hits == 0
+        assert fetch_jwks(good.url, 2.0) is not None     # the same key set, fetched directly
+
+
 # ------------------------------------------------------------------------------ config
 def _load(env: dict[str, str]):
     return load_config(None, env=env)
@@ -404,6 +418,9 @@ def test_config_oauth_defaults_env_and_validation():
     for name, (value, key) in bad.items():
         with pytest.raises(ConfigError, match=f"^{key}: "):
             _load({**OAUTH_ENV, name: value})
+    with pytest.raises(ConfigError, match="^oauth.jwks_url: must be https"):
+        _load({**OAUTH_ENV, "VOICEBRIDGE_OAUTH_JWKS_URL": "http://idp.example/jwks"})
+    cfg, _ = _load({**OAUTH_ENV, "VOICEBRIDGE_OAUTH_JWKS_URL": "http://127.0.0.1:9/jwks"})   # loopback
     for algs in ('["none"]', '["HS256"]', '[]', '["RS256", "HS512"]'):
         with pytest.raises(ConfigError, match="^oauth.algorithms: "):
             _load({**OAUTH_ENV, "VOICEBRIDGE_OAUTH_ALGORITHMS": algs})

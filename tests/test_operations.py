@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 from tests.conftest import wait_for
-from tests.daemon_harness import (ROOT, TOKEN, clean_call, free_port, new_caller, running_daemon,
+from tests.daemon_harness import (ROOT, TOKEN, clean_call, figures, free_port, new_caller, running_daemon,
                                   running_fake, start_daemon)
 from tests.rawws import RawWs
 from voicebridge.sim.caller import CallerConfig, Silence, Speak, WaitForBot, run_call
@@ -65,6 +65,8 @@ async def test_drain_on_sigterm(tmp_path):
             assert status == 503 and json.loads(body)["status"] == "draining", (status, body)
             status, _, body = await d.http_get("/ready")
             assert status == 503 and json.loads(body)["why"] == "draining", (status, body)
+            status, _, body = await d.http_get("/live")       # liveness: the drain is no failure
+            assert status == 200 and json.loads(body)["status"] == "draining", (status, body)
             ws = await RawWs.open("127.0.0.1", d.port, d.path, TOKEN, timeout_s=5)
             ws.abort()
             assert ws.status == 503 and b"retry-after: 5" in ws.head.lower(), ws.head
@@ -77,7 +79,11 @@ async def test_drain_on_sigterm(tmp_path):
             assert hang[0]["activityParams"]["hangupReason"].startswith("server_shutdown"), hang
             assert all(o.end is not None and o.end["reason"] == "vaic_session_end" for o in outs)
             drained = d.events("server.drained")
-            assert drained and drained[0]["calls_at_signal"] == 3, drained
+            assert drained, "no server.drained"
+            figures("drain", **{k: drained[0].get(k) for k in ("calls_at_signal", "drained",
+                                                                "ended_by_timeout", "drain_s")},
+                    short_calls_done_s=round(short_done_s, 2), exit_s=round(time.monotonic() - t0, 2))
+            assert drained[0]["calls_at_signal"] == 3, drained
             assert drained[0]["drained"] == 2 and drained[0]["ended_by_timeout"] == 1, drained
             assert drained[0]["drain_s"] >= DRAIN_S - 0.05, drained     # not cut before the timeout
             assert short_done_s < drained[0]["drain_s"], (short_done_s, drained)
@@ -158,12 +164,30 @@ async def test_reload_on_sighup(tmp_path):
             assert voices(fake, c.caller) == ["cedar"]          # the last good configuration
             assert d.alive()
 
+            cfg.write_bytes(b"\xff\xfe not UTF-8")
+            d.signal(signal.SIGHUP)
+            assert await wait_for(lambda: len(d.events("server.reload_failed")) >= 3, 3)
+            assert "not UTF-8" in d.events("server.reload_failed")[2]["error"]
+            assert d.alive()
+
+            cfg.write_text(base.replace('voice = "marin"', 'voice = "cedar"').replace(
+                "max_calls = 400", "max_calls = 1"))
+            d.signal(signal.SIGHUP)
+            assert await wait_for(lambda: len(d.events("server.reloaded")) >= 2, 3)
+            assert d.events("server.reloaded")[1]["changed"] == ["server.max_calls"]
+            held = spawn(run_call(CallerConfig(url=d.url, token=TOKEN, script=[Silence(1500)])))
+            assert await wait_for(lambda: len(d.events("call.start")) >= 4, 5)
+            ws = await RawWs.open("127.0.0.1", d.port, d.path, TOKEN, timeout_s=5)
+            ws.abort()
+            assert ws.status == 503, ws.head          # the reloaded max_calls is the one enforced
+            await asyncio.wait_for(held, 10)
+
             cfg.write_text(base.replace('voice = "marin"', 'voice = "cedar"').replace(
                 "backlog = 1024", "backlog = 77"))
             d.signal(signal.SIGHUP)
-            assert await wait_for(lambda: len(d.events("server.reloaded")) >= 2, 3)
-            ev = d.events("server.reloaded")[1]
-            assert ev["restart_needed"] == ["server.backlog"] and ev["changed"] == [], ev
+            assert await wait_for(lambda: len(d.events("server.reloaded")) >= 3, 3)
+            ev = d.events("server.reloaded")[2]
+            assert ev["restart_needed"] == ["server.backlog"] and ev["changed"] == ["server.max_calls"], ev
             assert not d.non_json_lines()
         finally:
             await d.stop()
@@ -193,6 +217,15 @@ async def test_ready_when_openai_unreachable(tmp_path):
         assert seen, "/ready never reported the unreachable OpenAI endpoint"
         assert (await d.http_get("/health"))[0] == 200
         await asyncio.wait_for(call, 15)
+        # no dial since (the call is over): after ready_dial_fail_s the instance is let back in,
+        # or, out of rotation, it would never get the call whose dial could prove it well
+        ok = False
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not ok:
+            st, _, b = await d.http_get("/ready")
+            ok = st == 200
+            await asyncio.sleep(0.1)
+        assert ok, "/ready stayed 503 with no dial failing any more"
     finally:
         await d.stop()
         d.kill()
@@ -271,4 +304,5 @@ def test_unit_file_drain_timeouts_agree():
     server = tomllib.loads((ROOT / "config.toml").read_text())["server"]
     m = re.search(r"^TimeoutStopSec=(\d+)s?$", unit.read_text(), re.M)
     assert m, "no TimeoutStopSec"
-    assert int(m.group(1)) > server["drain_timeout_s"] + server["shutdown_timeout_s"]
+    # the worst case: the drain, shutdown_timeout_s, then up to 2 s for the aborted sockets
+    assert int(m.group(1)) > server["drain_timeout_s"] + server["shutdown_timeout_s"] + 2

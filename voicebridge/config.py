@@ -128,7 +128,7 @@ OAUTH_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
 class OAuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """VAIC's OAuth mode: the bearer may be a JWT from the customer's OAuth server (oauth.py)."""
     enabled: bool = False
-    jwks_url: str = ""                 # the OAuth server's JWK Set, http(s)://
+    jwks_url: str = ""                 # the OAuth server's JWK Set, https:// (http on loopback)
     issuer: str = ""                   # required `iss`
     audience: str = ""                 # required `aud`
     algorithms: list[str] = msgspec.field(default_factory=lambda: ["RS256"])
@@ -213,7 +213,7 @@ def _check(cfg: Config, secrets: Secrets) -> None:
     s, o, a = cfg.server, cfg.openai, cfg.audio
     need(0 <= s.port <= 65535, "server.port", f"must be 0..65535, got {s.port}")
     need(s.path.startswith("/"), "server.path", f"must start with '/', got {s.path!r}")
-    need(s.path not in ("/health", "/metrics"), "server.path", f"{s.path!r} is reserved")
+    need(s.path not in ("/health", "/metrics", "/ready", "/live"), "server.path", f"{s.path!r} is reserved")
     need("?" not in s.path and "#" not in s.path, "server.path", "must be a plain path, no query")
     need(0 < s.ping_interval_s <= 3600, "server.ping_interval_s", "must be in (0, 3600]")
     need(s.transport in TRANSPORTS, "server.transport",
@@ -285,7 +285,10 @@ def _check_oauth(oa: OAuthConfig, need: Callable[[bool, str, str], None]) -> Non
         return
     url = urlsplit(oa.jwks_url)
     need(url.scheme in ("http", "https") and bool(url.hostname), "oauth.jwks_url",
-         f"must be an http:// or https:// URL of the OAuth server's JWK Set, got {oa.jwks_url[:100]!r}")
+         f"must be an https:// URL of the OAuth server's JWK Set, got {oa.jwks_url[:100]!r}")
+    need(url.scheme == "https" or url.hostname in ("127.0.0.1", "::1", "localhost"), "oauth.jwks_url",
+         "must be https:// (plain http only on loopback): whoever can change the keys in transit "
+         "can sign tokens the bridge accepts")
     need(bool(oa.issuer), "oauth.issuer", "must name the token issuer (the `iss` claim) when oauth is enabled")
     need(bool(oa.audience), "oauth.audience", "must name the audience (the `aud` claim) when oauth is enabled")
     need(bool(oa.algorithms), "oauth.algorithms", "must list at least one algorithm")
@@ -320,6 +323,10 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None,
             raise ConfigError(f"{p}: config file not found") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text: {e.reason} at byte {e.start}") from None
+        except OSError as e:          # not readable (permissions), a directory, ...
+            raise ConfigError(f"{p}: cannot read the config file: {e.strerror or e}") from None
     _find_secret_keys(raw)
     _apply_env(raw, env)
     for section, values in (overrides or {}).items():

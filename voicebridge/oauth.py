@@ -106,15 +106,27 @@ def parse_jwks(body: bytes) -> KeySet:
     return KeySet(keys, skipped)
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error (HTTPError 3xx), not a fetch from another URL."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def fetch_jwks(url: str, timeout_s: float, max_bytes: int = MAX_JWKS_BYTES) -> KeySet:
     """GET `url` and parse it (blocking: run it off the event loop). Bounded by `max_bytes`, and
     in time by `timeout_s` per socket operation plus a deadline checked between reads (so at
-    most about twice `timeout_s`, DNS aside). Redirects are followed (http/https only)."""
+    most about twice `timeout_s`, DNS aside). Redirects are refused: the keys must come from
+    exactly the configured (https) URL, never from wherever a redirect points."""
     deadline = time.monotonic() + timeout_s
     req = urllib.request.Request(url, headers={"Accept": "application/json",
                                                "User-Agent": f"voicebridge/{__version__}"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:   # http(s) only: checked in config
+        with _OPENER.open(req, timeout=timeout_s) as resp:   # https (or loopback http): config
             length = resp.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > max_bytes:
                 raise JwksError(f"JWK Set too large: {length} bytes > {max_bytes}")

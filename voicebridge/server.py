@@ -2,17 +2,21 @@
 
 Lifecycle (uvicorn-like, one readable path): `start()` raises the descriptor limit and binds the
 public listener (and the admin listener); `serve_forever()` installs the signal handlers and
-waits; on SIGTERM/SIGINT `stop()` closes the listeners and every call (each call closes its
-OpenAI socket within a second), bounded by `server.shutdown_timeout_s`, after which everything
-left is aborted; a second SIGTERM/SIGINT aborts everything at once. SIGHUP is logged and
-ignored (reload is not implemented yet); SIGUSR1 writes the stats to the log.
+waits; on SIGTERM/SIGINT `shutdown()` drains (new calls 503, calls in progress go on up to
+`server.drain_timeout_s`), hangs up what is left, then `stop()` closes the listeners, bounded by
+`server.shutdown_timeout_s`, after which everything left is aborted; a second SIGTERM/SIGINT
+aborts everything at once. SIGHUP re-reads the config file for new calls (`reload`); SIGUSR1
+writes the stats to the log.
 
 The socket layer is the transport named by `server.transport` (`transport.get`): the bridge uses
 only its interface (`listen`, `dial`, `Listener`, `Endpoint`; see `transport/base.py`) and sees
 HTTP as `HttpRequest`/`HttpResponse`, whatever the library.
 
 HTTP handling happens in `process_request`, before any websocket exists. Public listener:
-- `GET /health` -> 200 JSON liveness {status, version, active_calls, uptime_s} (cheap);
+- `GET /health` -> 200 JSON {status, version, active_calls, uptime_s} (cheap), 503 "draining"
+  from the first SIGTERM on (a balancer's check); `GET /live` -> the same, 200 even while
+  draining (a liveness probe that restarts the process must not cut the drain short);
+  `GET /ready` -> 200, or 503 while draining or while every OpenAI dial fails;
 - `GET /metrics`, `GET /health?detail=1` -> only with `Authorization: Bearer $VOICEBRIDGE_ADMIN_TOKEN`
   (404 when no admin token is configured: they live on the admin listener);
 - any path but `server.path` -> 404;
@@ -44,7 +48,7 @@ from .call import Call, Dialer, limits_of
 from .procinfo import process_figures
 from .realtime import target
 from .session import Phase
-from .config import Config, ConfigError, Secrets, load_config
+from .config import Config, Secrets, load_config
 from .log import Throttled, get_logger, install_loop_handler, setup
 from .metrics import CONTENT_TYPE, DaemonInfo, prometheus_text
 from .oauth import JwtValidator
@@ -148,6 +152,8 @@ class Bridge:
             return _response(200, "OK", live)
         if path == "/ready":
             return self.readiness()
+        if path == "/live":       # liveness only: 200 while the process serves, drain included
+            return _response(200, "OK", self.liveness())
         if path in ("/health", "/metrics"):
             if self._admin_auth is None:
                 return _response(404, "Not Found", {"error": "served on the admin listener"})
@@ -171,7 +177,10 @@ class Bridge:
         if self._stopping.is_set():
             # draining: only as many upgrades as calls wait for their session.resume (a new
             # call among them is declined at session.initiate by _admit)
-            if self._n_reserved() >= self._waiting():
+            opening = sum(1 for c in self.calls if c.session.phase is Phase.INITIATING
+                          and c.adopter is None)   # upgraded, no initiate/resume yet
+            if (self._n_reserved() + opening >= self._waiting()
+                    or len(self.calls) + self._n_reserved() >= self.max_calls + self._waiting()):
                 return self._refuse("draining", "the bridge is draining: try another instance",
                                     retry_after_s=5)
             self._reserved.add(request.conn)
@@ -240,8 +249,9 @@ class Bridge:
         if self._stopping.is_set():
             return _response(503, "Service Unavailable", {"ready": False, "why": "draining"},
                              [("Retry-After", "5")])
-        failing_s = self.stats.dials_failing_s(time.monotonic_ns())
-        if failing_s >= self.cfg.server.ready_dial_fail_s:
+        window_s = self.cfg.server.ready_dial_fail_s
+        failing_s = self.stats.dials_failing_s(time.monotonic_ns(), window_s)
+        if failing_s >= window_s:
             return _response(503, "Service Unavailable",
                              {"ready": False, "why": "openai_unreachable",
                               "failing_s": round(failing_s, 1),
@@ -422,12 +432,18 @@ class Bridge:
             return False
         self.notifier.reloading()
         try:
-            cfg, secrets = load_config(self.config_path)
-        except ConfigError as e:
+            return self._reload()
+        except Exception as e:    # ConfigError, or anything unforeseen: the old config stays
             self.log.error("server.reload_failed", error=clip(str(e), 300), path=self.config_path,
+                           error_type=type(e).__name__,
                            detail="the previous configuration stays in force")
-            self.notifier.ready(self.status_text())
             return False
+        finally:                  # systemd: RELOADING=1 is always followed by READY=1
+            self.notifier.ready(self.status_text())
+
+    def _reload(self) -> bool:
+        assert self.config_path is not None
+        cfg, secrets = load_config(self.config_path)
         old = self.cfg
         changed = _changed_keys(old, cfg)
         restart = [k for k in changed if k.split(".")[0] in ("server", "oauth")
@@ -442,6 +458,7 @@ class Bridge:
             cfg = msgspec.structs.replace(cfg, oauth=old.oauth)
         self.cfg = cfg
         if "server.max_calls" in changed:
+            self.max_calls = cfg.server.max_calls     # then clamped by the descriptors again
             self._size_for_descriptors()
         if any(k.startswith("log.") for k in changed):
             setup(cfg.log.level, rate_limit_per_s=cfg.log.rate_limit_per_s)
@@ -451,24 +468,26 @@ class Bridge:
         self.log.info("server.reloaded", path=self.config_path,
                       changed=[k for k in changed if k not in restart][:50],
                       restart_needed=restart[:50])
-        self.notifier.ready(self.status_text())
         return True
 
     async def serve_forever(self) -> None:
         await self.start()
         loop = asyncio.get_running_loop()
-        status = self.status_text()
-        self.notifier.ready(status)
-        self._heartbeat = Heartbeat(self.notifier, loop, self.status_text)
-        self._heartbeat.start(status)   # watchdog pings and STATUS= updates: loop timers
         install_loop_handler(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         loop.add_signal_handler(signal.SIGUSR1, self.dump_stats)
-        await self._stopping.wait()
-        await self.shutdown()
-        self._heartbeat.stop()   # the watchdog pings on through the bounded shutdown, not after
+        # READY only now: a `systemctl reload` right after it must find the SIGHUP handler
+        status = self.status_text()
+        self.notifier.ready(status)
+        self._heartbeat = Heartbeat(self.notifier, loop, self.status_text)
+        self._heartbeat.start(status)   # watchdog pings and STATUS= updates: loop timers
+        try:
+            await self._stopping.wait()
+            await self.shutdown()
+        finally:
+            self._heartbeat.stop()   # pings on through the bounded shutdown, not after
 
     async def _until(self, event: asyncio.Event, timeout_s: float) -> None:
         """Wait for `event`, at most `timeout_s`, and no longer once a second signal came."""

@@ -628,9 +628,9 @@ class CallSession:
                               retry_after_s: float | None = None) -> None:
         """A dial failed. Network errors, 5xx and 429 are retried with back-off (a 429's
         Retry-After honoured) while `openai.connect_budget_s` lasts; 4xx others are not."""
-        self.stats.note_dial(False, now_ns)
         if self.upstream is not Upstream.DIALLING:
             return
+        self.stats.note_dial(False, now_ns)
         if self.phase is Phase.ACTIVE and (status is None or status >= 500 or status == 429):
             n = self._dial_attempt
             wait = BACKOFF_NS[min(n - 1, len(BACKOFF_NS) - 1)]

@@ -320,7 +320,7 @@ class Stats:
     """
 
     __slots__ = (*HISTOGRAMS, *COUNTERS, "errors", "call_ends", "started", "dial_fail_streak",
-                 "dial_fail_since_ns")
+                 "dial_fail_since_ns", "dial_fail_last_ns")
 
     up_forward: Histogram
     down_forward: Histogram
@@ -348,6 +348,7 @@ class Stats:
     started: float
     dial_fail_streak: int        # OpenAI dials failed in a row, daemon-wide (0 after a success)
     dial_fail_since_ns: int      # monotonic ns of the first failure of that streak
+    dial_fail_last_ns: int       # ... and of its latest one
 
     def __init__(self) -> None:
         for name, help in HISTOGRAMS.items():
@@ -359,22 +360,27 @@ class Stats:
         self.started = time.monotonic()
         self.dial_fail_streak = 0
         self.dial_fail_since_ns = 0
+        self.dial_fail_last_ns = 0
 
     def note_dial(self, ok: bool, now_ns: int) -> None:
         """One OpenAI dial attempt ended (any call): feeds the daemon's readiness."""
         if ok:
             self.dial_fail_streak = 0
-            self.dial_fail_since_ns = 0
+            self.dial_fail_since_ns = self.dial_fail_last_ns = 0
         else:
             if not self.dial_fail_streak:
                 self.dial_fail_since_ns = now_ns
             self.dial_fail_streak += 1
+            self.dial_fail_last_ns = now_ns
 
-    def dials_failing_s(self, now_ns: int) -> float:
-        """Seconds since every OpenAI dial started failing (at least 2 in a row), else 0."""
-        if self.dial_fail_streak < 2:
+    def dials_failing_s(self, now_ns: int, recent_s: float) -> float:
+        """How long every OpenAI dial has been failing (first to latest failure of a streak of
+        at least 2), or 0 once the latest failure is older than `recent_s`: an instance taken
+        out of rotation gets no calls, so no dial could ever prove it well again; after
+        `recent_s` without one it is let back in, and the next calls' dials decide."""
+        if self.dial_fail_streak < 2 or now_ns - self.dial_fail_last_ns > recent_s * 1e9:
             return 0.0
-        return (now_ns - self.dial_fail_since_ns) / 1e9
+        return (self.dial_fail_last_ns - self.dial_fail_since_ns) / 1e9
 
     def histograms(self) -> dict[str, Histogram]:
         """name -> Histogram, in display order."""
