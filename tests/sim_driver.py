@@ -55,9 +55,10 @@ What it checks (violation codes)
   / `*_unknown`, `stream_id_vs_open_item` (`AcProtocol.stream_id` set iff the playout clock has an
   open item), `upstream_vs_socket`, `mark_from_future`, `timer_spin`, `hang`, `bound_events`,
   `bound_time`.
-Findings (not failures): `model_item_longer_than_heard` (after a barge-in the model's item keeps
-audio the caller never heard), `timer_noop_at_deadline` (`timer(next_deadline_ns())` found nothing
-due), `truncate_twice`. Each is a `Violation(code, t_ms, detail)` in `sim.violations` /
+and, with the 'flush' stop policy, `model_item_longer_than_heard` (after a barge-in the model's
+item keeps audio the caller never heard: every item of a cancelled response must be truncated
+to what was heard, 0 for one never heard). Findings (not failures): `timer_noop_at_deadline`
+(`timer(next_deadline_ns())` found nothing due), `truncate_twice`. Each is a `Violation(code, t_ms, detail)` in `sim.violations` /
 `sim.findings`. Every run is bounded (`max_events`, `max_ms` of virtual time).
 """
 
@@ -1304,7 +1305,7 @@ class Sim:
             heard = sum(st.played.heard_ms for st in self.item_streams.get(iid, ()))
             kept = it.delivered_ms if it.truncate_ms is None else min(it.truncate_ms, it.delivered_ms)
             if kept > heard + tol:
-                self.odd("model_item_longer_than_heard",
+                self.bad("model_item_longer_than_heard",
                          f"{iid}: the model keeps {kept:.1f} ms, the caller heard {heard:.1f} ms "
                          f"(truncate: {it.truncate_ms})")
 

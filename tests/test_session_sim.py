@@ -400,21 +400,17 @@ def test_found_bug_reproduction(name: str, request: pytest.FixtureRequest) -> No
         raise BugShows(bug.title + "\n" + "\n".join(map(str, hits[:6])))
 
 
-# Observations outside the invariant list, each an xfail(strict) until decided:
-# the model's conversation keeps assistant audio the caller never heard after a barge-in.
+# Found outside the invariant list and fixed: after a barge-in the model's conversation
+# kept assistant audio the caller never heard (a second item queued behind the playing one, the
+# playing item in an underrun, an item that late deltas created after an early barge-in).
 
 
-@pytest.mark.xfail(raises=BugShows, strict=True,
-                   reason="a queued second item of the interrupted response is never truncated")
 def test_barge_in_truncates_the_queued_second_item_too():
     two = Reply(items=(((8 * 500, 0),), ((8 * 500, 0),)), think_ms=0)
     sim = simulate(Timeline(model=Model(turns=(Turn(0, "reply", reply=two), Turn(300, "speech", 200)))))
     _show(sim, {"model_item_longer_than_heard"}, "it2 (never played) keeps its 500 ms")
 
 
-@pytest.mark.xfail(raises=BugShows, strict=True,
-                   reason="a barge-in during an underrun sends no truncate; late deltas then "
-                          "lengthen the item beyond what was heard")
 def test_barge_in_during_an_underrun_truncates_what_the_model_said_on():
     slow = Reply(items=(((8 * 100, 300),) * 10,), think_ms=0)    # 100 ms of audio every 300 ms
     sim = simulate(Timeline(model=Model(late_deltas=2, turns=(
@@ -422,9 +418,6 @@ def test_barge_in_during_an_underrun_truncates_what_the_model_said_on():
     _show(sim, {"model_item_longer_than_heard"}, "heard 100 ms, the model keeps 300 ms")
 
 
-@pytest.mark.xfail(raises=BugShows, strict=True,
-                   reason="a barge-in before the first delta sends no truncate for the item "
-                          "that late deltas then create")
 def test_barge_in_before_the_first_delta_truncates_the_late_item():
     sim = simulate(Timeline(model=Model(late_deltas=2, turns=(
         Turn(0, "reply", reply=Reply(items=(((8 * 100, 50),) * 10,), think_ms=0)),

@@ -102,6 +102,13 @@ Effect = Dial | CloseOpenAI | CloseVaic | Log | Finished | Resume
 
 BACKOFF_NS = (250_000_000, 500_000_000, 1_000_000_000, 2_000_000_000)  # then 2 s each
 
+def _bounded_add(items: set[str], item: str, max_items: int = 32) -> None:
+    """Add to a set that only the last few items matter in (cleared when full)."""
+    if len(items) >= max_items:
+        items.clear()
+    items.add(item)
+
+
 # ------------------------------------------------------------------------------------ state
 
 
@@ -236,6 +243,10 @@ class CallSession:
         self._session_seen = 0          # bits: 1 session.created, 2 session.updated
         self._logged = OnceKeys()
         self._item_oai_ms: dict[str, float] = {}
+        # after a barge-in the model's items must keep only what the caller heard: items whose
+        # audio is complete (audio.done), and items already truncated (each once), both bounded
+        self._items_done: set[str] = set()
+        self._items_truncated: set[str] = set()
         self._last_pushed_item = ""
         self._piece_chars = 0
         self._max_frame_chars = 0
@@ -738,6 +749,8 @@ class CallSession:
             self._last_pushed_item = ""
         self._session_deadline = self._rotate_at = 0
         self._item_oai_ms.clear()        # its items cannot be truncated in the new session
+        self._items_done.clear()
+        self._items_truncated.clear()
 
     def _instructions(self) -> str:
         text = self.cfg.openai.instructions
@@ -789,6 +802,8 @@ class CallSession:
         c.deltas += 1
         if ev.response_id in self.cancelled or self.phase is not Phase.ACTIVE:
             c.late_deltas_dropped += 1
+            if self.phase is Phase.ACTIVE:   # a late item the caller never heard a bit of
+                self._truncate_unheard(clip(ev.item_id, ID_CHARS))
             return False
         neg = self._neg
         assert neg is not None
@@ -843,6 +858,7 @@ class CallSession:
                 if self._tc is not None:  # the resampler's tail belongs to this item
                     self._push_audio(item, self._tc.flush_down(), False)
                 self.playout.push_end(item)
+                _bounded_add(self._items_done, item)
                 self._pump(now_ns, False)
         elif t is rt.ResponseCreated:
             self.active_response = clip(ev.response.id, ID_CHARS)
@@ -968,15 +984,34 @@ class CallSession:
                 self.to_openai.append(rt.response_cancel())
         self._interrupt(now_ns, speech=True)
 
+    def _truncate_unheard(self, item: str) -> None:
+        """`item` (of a cancelled response) never reached the caller: the model keeps none of
+        it (`audio_end_ms` 0), once per item."""
+        if not item or item in self._items_truncated or not self.up_ready:
+            return
+        _bounded_add(self._items_truncated, item)
+        self.to_openai.append(rt.truncate(item, 0))
+        self.counters.truncates += 1
+
     def _interrupt(self, now_ns: int, speech: bool) -> None:
-        """Stop what plays, drop what is pending, truncate the item to what was heard."""
-        intr = self.playout.interrupt(now_ns / NS)
+        """Stop what plays, drop what is pending, truncate each item to what was heard: the
+        playing one at the heard ms (also in an underrun, while the model still adds to it),
+        the queued ones after it at 0 (late deltas of a new item: `_on_delta`)."""
+        po = self.playout
+        queued = [e.item_id for e in po.pending if e.kind == CHUNK and e.item_id != po.open_item]
+        intr = po.interrupt(now_ns / NS)
         if self._tc is not None:
             self._tc.reset_down()
         self._last_pushed_item = ""
         if self.proto.stop_play() and speech:
             self.marks.append((self.stats.barge_in, now_ns))
-        if intr.item_id is None or not intr.still_playing:
+        for item in dict.fromkeys(queued):      # queued behind the playing item: never heard
+            if item != intr.item_id and item in self._item_oai_ms:
+                self._truncate_unheard(item)
+        if intr.item_id is None:
+            return
+        underrun = intr.stream_open and intr.item_id not in self._items_done
+        if not intr.still_playing and not underrun:    # it had been played out, all of it
             return
         self.counters.barge_ins += 1
         if intr.item_id not in self._item_oai_ms:   # an item of a session since replaced
@@ -986,7 +1021,8 @@ class CallSession:
         # (437 ms heard computed as 436.99999999998 must say 437)
         end_ms = int(math.floor(max(0.0, min(intr.heard_ms, intr.sent_ms if intr.stream_open
                                                  else 0.0, oai_ms)) + 1e-6))
-        if self.up_ready:
+        if self.up_ready and intr.item_id not in self._items_truncated:
+            _bounded_add(self._items_truncated, intr.item_id)
             self.to_openai.append(rt.truncate(intr.item_id, end_ms))
             self.counters.truncates += 1
             self.last_truncate = (intr.item_id, end_ms)
