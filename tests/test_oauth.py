@@ -15,9 +15,9 @@ import json
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import jwt
 import msgspec
@@ -143,6 +143,17 @@ def oauth_cfg(url: str, **kw: Any) -> OAuthConfig:
     return msgspec.convert(base, OAuthConfig)
 
 
+@asynccontextmanager
+async def started(cfg: OAuthConfig) -> AsyncIterator[JwtValidator]:
+    """A validator with its first fetch done and its refresher running; closed afterwards."""
+    v = JwtValidator(cfg)
+    await v.start()
+    try:
+        yield v
+    finally:
+        await v.aclose()
+
+
 async def eventually(pred: Any, timeout_s: float, step_s: float = 0.05) -> bool:
     end = time.monotonic() + timeout_s
     while True:
@@ -188,9 +199,7 @@ async def test_each_token_gets_its_reason(keys, logs):
         "oversized": (sign(a, "k1", pad="x" * MAX_TOKEN_BYTES), "oversized"),
     }
     with jwks_server([jwk_of(a, "k1")]) as srv:
-        v = JwtValidator(oauth_cfg(srv.url))
-        await v.start()
-        try:
+        async with started(oauth_cfg(srv.url)) as v:
             assert v.kids == ["k1"]
             got = {name: v.check(bearer(tok)) for name, (tok, _) in cases.items()}
             assert got == {name: want for name, (_, want) in cases.items()}
@@ -199,8 +208,6 @@ async def test_each_token_gets_its_reason(keys, logs):
             assert v.check(b"bearer " + cases["good"][0].encode()) is None   # the scheme is case-insensitive
             assert v.check(b"Bearer ") == "malformed"
             assert v.fetches == 1   # none of these asked for a refresh
-        finally:
-            await v.aclose()
     # check() never logs: the only lines are the fetch's, and no signature appears anywhere
     assert {e["event"] for e in logs.events()} == {"oauth.jwks_loaded"}
     text = logs.getvalue()
@@ -215,39 +222,29 @@ async def test_algorithm_and_key_type_must_agree(keys, logs):
     a, e = keys["a"], keys["ec"]
     jwks = [jwk_of(a, "rsa"), jwk_of(e, "ec"), jwk_of(keys["b"], "rs512-only", alg="RS512")]
     with jwks_server(jwks) as srv:
-        v = JwtValidator(oauth_cfg(srv.url, algorithms=["RS256", "ES256"]))
-        await v.start()
-        try:
+        async with started(oauth_cfg(srv.url, algorithms=["RS256", "ES256"])) as v:
             assert v.kids == ["ec", "rs512-only", "rsa"]
             assert v.check(bearer(sign(e, "ec", alg="ES256"))) is None
             assert v.check(bearer(sign(a, "rsa"))) is None
             assert v.check(bearer(sign(e, "rsa", alg="ES256"))) == "bad_algorithm"
             assert v.check(bearer(sign(keys["b"], "rs512-only"))) == "bad_algorithm"
-        finally:
-            await v.aclose()
 
 
 async def test_token_without_kid_only_with_a_single_key(keys, logs):
     a, b = keys["a"], keys["b"]
     with jwks_server([jwk_of(a, "only")]) as srv:
-        v = JwtValidator(oauth_cfg(srv.url, jwks_min_refresh_s=60, jwks_refresh_s=600))
-        await v.start()
-        try:
+        async with started(oauth_cfg(srv.url, jwks_min_refresh_s=60, jwks_refresh_s=600)) as v:
             assert v.check(bearer(sign(a, None))) is None
             srv.keys.append(jwk_of(b, "second"))
             assert await v.refresh("test")
             assert v.check(bearer(sign(a, None))) == "unknown_kid"   # ambiguous now
-        finally:
-            await v.aclose()
 
 
 # ------------------------------------------------------------------------------ unit: the JWK Set
 async def test_unknown_kid_refreshes_early_and_the_rotated_key_is_accepted(keys, logs):
     a, b = keys["a"], keys["b"]
     with jwks_server([jwk_of(a, "k1")]) as srv:
-        v = JwtValidator(oauth_cfg(srv.url, jwks_refresh_s=3600, jwks_min_refresh_s=0.2))
-        await v.start()
-        try:
+        async with started(oauth_cfg(srv.url, jwks_refresh_s=3600, jwks_min_refresh_s=0.2)) as v:
             new = sign(b, "k2")
             srv.keys = [jwk_of(b, "k2")]                    # the OAuth server rotates its key
             assert v.check(bearer(new)) == "unknown_kid"    # this request: 401, and an early fetch
@@ -255,8 +252,6 @@ async def test_unknown_kid_refreshes_early_and_the_rotated_key_is_accepted(keys,
             assert v.kids == ["k2"]
             assert v.check(bearer(sign(a, "k1"))) == "unknown_kid"   # the old key is gone
             assert srv.hits >= 2
-        finally:
-            await v.aclose()
     loaded = logs.events("oauth.jwks_loaded")
     assert [e["why"] for e in loaded][:2] == ["start", "unknown_kid"], loaded
     assert loaded[1]["kids"] == ["k2"] and loaded[1]["changed"] is True
@@ -266,30 +261,22 @@ async def test_early_refresh_is_rate_limited(keys, logs):
     """A flood of tokens with unknown kids costs at most one fetch per jwks_min_refresh_s."""
     a = keys["a"]
     with jwks_server([jwk_of(a, "k1")]) as srv:
-        v = JwtValidator(oauth_cfg(srv.url, jwks_refresh_s=3600, jwks_min_refresh_s=60))
-        await v.start()
-        try:
+        async with started(oauth_cfg(srv.url, jwks_refresh_s=3600, jwks_min_refresh_s=60)) as v:
             for i in range(200):
                 assert v.check(bearer(sign(a, f"unknown-{i}"))) == "unknown_kid"
                 if i % 20 == 0:
                     await asyncio.sleep(0.01)
             await asyncio.sleep(0.5)
             assert srv.hits == 1 and v.fetches == 1
-        finally:
-            await v.aclose()
 
 
 async def test_periodic_refresh_picks_up_rotated_keys(keys, logs):
     a, b = keys["a"], keys["b"]
     with jwks_server([jwk_of(a, "k1")]) as srv:
-        v = JwtValidator(oauth_cfg(srv.url, jwks_refresh_s=0.3, jwks_min_refresh_s=0.3))
-        await v.start()
-        try:
+        async with started(oauth_cfg(srv.url, jwks_refresh_s=0.3, jwks_min_refresh_s=0.3)) as v:
             srv.keys = [jwk_of(a, "k1"), jwk_of(b, "k2")]
             assert await eventually(lambda: v.kids == ["k1", "k2"], 10.0)   # no request asked
             assert v.check(bearer(sign(b, "k2"))) is None
-        finally:
-            await v.aclose()
     assert any(e["why"] == "periodic" and e["changed"] for e in logs.events("oauth.jwks_loaded"))
 
 
@@ -314,16 +301,12 @@ async def test_jwks_down_at_start_then_recovers(keys, logs):
 async def test_failed_refresh_keeps_the_previous_keys(keys, logs):
     a = keys["a"]
     with jwks_server([jwk_of(a, "k1")]) as srv:
-        v = JwtValidator(oauth_cfg(srv.url, jwks_refresh_s=3600, jwks_min_refresh_s=60))
-        await v.start()
-        try:
+        async with started(oauth_cfg(srv.url, jwks_refresh_s=3600, jwks_min_refresh_s=60)) as v:
             for raw in (b"<html>oops</html>", b'{"keys": []}', b'{"nokeys": 1}', b"[" * 100_000,
                         b"x" * (MAX_JWKS_BYTES + 1)):
                 srv.raw = raw
                 assert not await v.refresh("test")
                 assert v.check(bearer(sign(a, "k1"))) is None
-        finally:
-            await v.aclose()
     errors = [e["error"] for e in logs.events("oauth.jwks_failed")]
     assert len(errors) == 5, errors
     assert "not JSON" in errors[0] and "no usable signing key" in errors[1]
