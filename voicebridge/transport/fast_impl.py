@@ -33,9 +33,12 @@ from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
 from ._websockets_http import answer
+from ._masks import install as _install_masks
 from .base import (MAX_PINGS_PER_S, MAX_QUEUED_MESSAGES, READ_SLICE_BYTES, ConnectFailed,
                    EndpointClosed, Handler, Limits, ListenOptions, OnRefused, ProcessRequest,
                    ProcessResponse, RequestHead, closed_error, retry_after_s)
+
+_install_masks()   # client frame masks from a pooled CSPRNG read (see _masks)
 
 _TEXT, _BINARY, _CONT, _PING, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PING, Opcode.PONG
 _tls: ssl_mod.SSLContext | None = None

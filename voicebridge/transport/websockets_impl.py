@@ -19,10 +19,13 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from ._masks import install as _install_masks
 from ._websockets_http import answer
 from .base import (MAX_PINGS_PER_S, READ_SLICE_BYTES, ConnectFailed, EndpointClosed, Handler, Limits,
                    ListenOptions, OnRefused, ProcessRequest, ProcessResponse, RequestHead,
                    closed_error, retry_after_s)
+
+_install_masks()   # client frame masks from a pooled CSPRNG read (see _masks)
 
 
 class _SendBounds:
