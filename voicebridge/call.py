@@ -138,9 +138,7 @@ class Call:
         self._rebind()
         if sess.end_reason == "handed_over":
             self.log.info("call.resume_handoff")
-        elif sess.end_reason == "validate":   # logged as call.validate: no call, no call.end
-            pass
-        else:
+        elif sess.end_reason != "validate":   # a connectivity check (call.validate) is no call
             self.log.info("call.end", **sess.end_fields(monotonic_ns()))
         self.done.set()
 
@@ -222,12 +220,7 @@ class Call:
                 continue
             t0 = monotonic_ns()
             r = openai_frame(frame, t0)
-            if sess.effects or sess.marks or sess.to_openai or self._in_after:
-                self._after()
-            else:                # the common case of a delta: only chunks for VAIC (hot path)
-                if sess.to_vaic:
-                    self._send_all(self.ac, sess.to_vaic, vaic=True)
-                self._rearm()
+            self._after()
             if r == FORWARDED:
                 record_down((monotonic_ns() - t0) // 1000)
 

@@ -368,17 +368,7 @@ class CallSession:
         try:
             ev = self.proto.receive(frame)
             if type(ev) is ac.UserStreamChunk:
-                payload = ev.audioChunk
-                if (self.up_ready and self._tc is None and 0 < len(payload) <= self._max_frame_chars
-                        and is_b64(payload)):         # the common case, inline (hot path)
-                    self.counters.frames_up += 1
-                    self._last_audio_ns = now_ns
-                    st = self.stats
-                    st.frames_up += 1
-                    n = len(payload)    # decoded bytes (b64_decoded_len, inline: strict base64)
-                    st.bytes_up += (n >> 2) * 3 - (payload[n - 1] == "=") - (payload[n - 2] == "=")
-                    return self._app_prefix + payload + self._app_suffix
-                return self._caller_audio(payload, now_ns)
+                return self._caller_audio(ev.audioChunk, now_ns)
             self._vaic_control(ev, now_ns)
         except Exception as e:   # a bug must end the call cleanly, never hang it
             self._internal_error(e, now_ns)
@@ -815,9 +805,7 @@ class CallSession:
             self._log_first_n("oai_bad_audio", "call.openai_bad_audio",
                               reason=f"delta longer than audio.max_delta_ms ({self.cfg.audio.max_delta_ms} ms)")
             return False
-        item = ev.item_id
-        if len(item) > ID_CHARS:
-            item = clip(item, ID_CHARS)
+        item = clip(ev.item_id, ID_CHARS)
         oai_ms = self._item_oai_ms
         if item not in oai_ms and len(oai_ms) >= 8:
             oai_ms.clear()  # bounded: only the last few items can still be truncated
@@ -1058,8 +1046,7 @@ class CallSession:
         self.counters.frames_down += 1
         st = self.stats
         st.frames_down += 1
-        n = len(payload)            # decoded bytes (b64_decoded_len, inline: strict, padded base64)
-        st.bytes_down += (n >> 2) * 3 - (payload[n - 1] == "=") - (payload[n - 2] == "=")
+        st.bytes_down += b64_decoded_len(payload)
         if self._t_first_delta_ns:
             self.marks.append((st.turn_overhead, self._t_first_delta_ns))
             self._t_first_delta_ns = 0
@@ -1076,11 +1063,8 @@ class CallSession:
         if phase is Phase.ENDED:
             return None
         best = 0
-        if not self.vaic_gone:           # the idle deadline (`_idle_deadline`), inline: per delta
-            quiet_ns, played_ns = self._last_audio_ns, int(self.playout.play_end_t * NS)
-            best = (quiet_ns if quiet_ns > played_ns else played_ns) + self._idle_ns
-        for d in (self._greet_deadline, self._session_deadline, self._redial_at, self._rotate_at,
-                  self._resume_deadline):
+        for d in (self._greet_deadline, self._session_deadline, self._idle_deadline(),
+                  self._redial_at, self._rotate_at, self._resume_deadline):
             if d and (not best or d < best):
                 best = d
         if self.playout.pending and not self.vaic_gone:   # detached: nothing can be sent
