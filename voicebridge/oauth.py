@@ -274,8 +274,8 @@ class JwtValidator:
 
     # ------------------------------------------------------------------ JWK Set
     async def refresh(self, why: str) -> bool:
-        """Fetch the JWK Set once (bounded); True if new keys are in use. A failure is logged
-        and keeps the previous keys."""
+        """Fetch the JWK Set once (bounded); True if a key set was loaded (the same or a new
+        one). A failure is logged and keeps the previous keys."""
         self._last_attempt = time.monotonic()
         self.fetches += 1
         cfg = self.cfg

@@ -450,12 +450,11 @@ class Bridge:
                    and k not in RELOADABLE_SERVER_KEYS]
         if secrets != self.secrets:
             restart.append("(secrets in the environment)")
-        # what a restart would take stays as it was, so the running listeners and the config agree
-        cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(
+        # what a restart would take stays as it was, so the running listeners, the validator
+        # and the config agree
+        cfg = msgspec.structs.replace(cfg, oauth=old.oauth, server=msgspec.structs.replace(
             old.server, **{k.split(".", 1)[1]: getattr(cfg.server, k.split(".", 1)[1])
                            for k in changed if k in RELOADABLE_SERVER_KEYS}))
-        if any(k.startswith("oauth.") for k in restart):
-            cfg = msgspec.structs.replace(cfg, oauth=old.oauth)
         self.cfg = cfg
         if "server.max_calls" in changed:
             self.max_calls = cfg.server.max_calls     # then clamped by the descriptors again
