@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed
 BENCH_STAMP = $(VENV)/.installed-bench
 LINT_STAMP  = $(VENV)/.installed-lint
 
-.PHONY: demo test lint run check bench clean promtool
+.PHONY: demo test lint run check bench clean promtool scaleout
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ promtool:
 	@command -v promtool >/dev/null || { echo "promtool missing: installing Debian's prometheus package with apt-get"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 	promtool --version
+
+# scale-out check (bench/scaleout.py): three instances behind HAProxy on 127.0.0.1, 100 calls,
+# one instance drained with SIGTERM mid-run; Debian's haproxy package, installed with apt if missing
+scaleout: $(BENCH_STAMP)
+	@{ command -v haproxy >/dev/null || test -x /usr/sbin/haproxy; } || { echo "haproxy missing: installing Debian's haproxy package with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy; }
+	$(PY) -m bench.scaleout $(SCALEOUT_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
