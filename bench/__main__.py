@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-calls", type=int, default=300, help="calls during the profiled run (default 300)")
     ap.add_argument("--ab", metavar="DIR[,DIR...]", help="A/B only: the bridge of each older checkout "
                     "(A, B, ...) against this tree (the last letter), alternating, at --levels (default "
-                    "100,200); e.g. DIR = a git worktree of an earlier commit")
+                    "100,200); e.g. DIR = a git worktree of an earlier commit; DIR@NAME runs that "
+                    "checkout on server.transport NAME (e.g. --ab .@fast --transport picows)")
     ap.add_argument("--rounds", type=int, default=2, help="--ab: runs per variant and level (default 2)")
     ap.add_argument("--soak", action="store_true", help="soak only: set up and tear down --soak-calls calls "
                     "(normal ends, caller drops, OpenAI drops) and check the daemon's fds, tasks, active "
@@ -185,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- transport floor (first, on a quiet machine)
     if not a.no_floor:
-        say("relay_floor: websockets, sansio, picows relays at 300 calls ...")
-        res["floor"] = orch.run_relay_floor(300, 10 if a.full else 5, say)
+        say(f"relay_floor ({orch.relay_floor_path().relative_to(orch.REPO)}): websockets, sansio, picows relays "
+            "at 300 calls ...")
+        res["floor"] = orch.run_relay_floor(300, 10 if a.full else 5, say, pin=pin)
         _floor_derived(res["floor"])
 
     direct: dict[int, dict] = {}

@@ -305,21 +305,36 @@ def nearest(direct: dict[int, dict], calls: int) -> dict | None:
 
 
 # --------------------------------------------------------------------------- transport floor
+FLOOR_VARIANTS = ("websockets", "sansio", "picows")
+
+
 def relay_floor_path() -> Path:
-    return REPO.parent / "shared" / "perf" / "relay_floor.py"
+    """The floor relay shipped with the bench (bench/relay_floor.py)."""
+    return REPO / "bench" / "relay_floor.py"
 
 
-def run_relay_floor(calls: int, seconds: float, log: Callable[[str], None]) -> dict:
+def run_relay_floor(calls: int, seconds: float, log: Callable[[str], None], *,
+                    variants: tuple[str, ...] = FLOOR_VARIANTS, warmup_s: float | None = None,
+                    grace_s: float | None = None, pin: bool = True) -> dict:
+    """bench/relay_floor.py at `calls` calls for `seconds` per variant: {"cmd", "script", "rows",
+    "elapsed_s", "stderr"}; a variant it cannot run (picows missing) is a row with "skipped"."""
     path = relay_floor_path()
     if not path.exists():
         log(f"relay_floor: {path} not found, skipped")
         return {"skipped": f"{path} not found"}
-    cmd = [sys.executable, str(path), "--variants", "websockets,sansio,picows", "--calls", str(calls),
+    cmd = [sys.executable, str(path), "--variants", ",".join(variants), "--calls", str(calls),
            "--seconds", str(seconds)]
+    if warmup_s is not None:
+        cmd += ["--warmup-s", str(warmup_s)]
+    if grace_s is not None:
+        cmd += ["--grace-s", str(grace_s)]
+    if not pin:
+        cmd.append("--no-pin")
     t0 = time.monotonic()
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3 * (seconds * 4 + 60),
-                             cwd=REPO, stdin=subprocess.DEVNULL)
+        out = subprocess.run(cmd, capture_output=True, text=True,
+                             timeout=len(variants) * (seconds + (grace_s or 0) + 90), cwd=REPO,
+                             stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return {"skipped": "relay_floor timed out"}
     rows = []
@@ -329,7 +344,11 @@ def run_relay_floor(calls: int, seconds: float, log: Callable[[str], None]) -> d
                 rows.append(json.loads(ln))
             except ValueError:
                 pass
-    return {"cmd": " ".join(cmd[1:]), "rows": rows, "elapsed_s": round(time.monotonic() - t0, 1),
+    for r in rows:
+        if r.get("skipped"):
+            log(f"relay_floor: {r.get('variant')}: {r['skipped']}")
+    return {"cmd": " ".join(cmd[1:]), "script": str(path.relative_to(REPO)), "rows": rows,
+            "elapsed_s": round(time.monotonic() - t0, 1),
             "stderr": out.stderr[-500:] if out.returncode else ""}
 
 

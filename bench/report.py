@@ -132,13 +132,16 @@ def floor_table(res: dict) -> str:
     rows = fl.get("rows") or []
     if not rows:
         return "transport floor: no result" + (f" ({fl.get('stderr')})" if fl.get("stderr") else "")
-    out = [f"transport floor (relay_floor.py {fl.get('cmd', '').split('relay_floor.py')[-1].strip()}): "
+    out = [f"transport floor ({fl.get('script', 'relay_floor.py')} {fl.get('cmd', '').split('relay_floor.py')[-1].strip()}): "
            "a minimal relay, 1 frame each way per call every 20 ms",
            f"  {'relay':<13}{'calls':>6} {'CPU %':>6} {'%/call':>7} {'µs/frame':>9} {'calls/core*':>11} "
            f"{'rtt p50':>9} {'p99':>9} {'lost':>6}"]
     for r in rows:
         if "error" in r:
             out.append(f"  {r.get('variant', '?'):<13} error: {r['error'][:80]}")
+            continue
+        if "skipped" in r:
+            out.append(f"  {r.get('variant', '?'):<13} skipped: {r['skipped']}")
             continue
         m = r.get("_derived") or {}
         out.append(f"  {r['variant']:<13}{r['calls']:>6} {_f(r.get('relay_cpu_pct'), 6)} "
