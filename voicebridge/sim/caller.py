@@ -13,6 +13,12 @@ Used by end-to-end tests, ``make demo`` and the load benchmark. It follows the s
 4. at the end: ``hangup="caller"`` sends ``userStream.stop``, expects ``userStream.stopped``, sends
    ``session.end`` (``client-disconnected``) and closes; ``hangup="drop"`` just closes.
 
+Script items beyond audio: ``Dtmf`` (VAIC's ``DTMF`` events, per digit or collected),
+``NoUserInput`` (VAIC's ``noUserInput`` event) and ``WaitForActivity`` (wait for a bot activity
+such as ``transfer``). With ``CallerConfig.play_finished`` VAIC's ``playFinished`` event is sent
+per finished play stream with its ``playedDurationMS``; ``CallerConfig.transfer_result`` decides
+whether a bot transfer ends the call or fails with a ``transferStatus`` event (see there).
+
 A ``DropAndResume`` script item is a network blip: the socket is aborted (no close frame, no
 ``session.end``), and after its gap a new websocket sends ``session.resume`` with the same
 ``conversationId``; on ``session.accepted`` the user stream is started again and the script goes
@@ -25,10 +31,13 @@ step by ``accept_timeout_s`` or its script timeout, the whole call by ``call_tim
 
 Readings chosen where the spec is silent (all unverified against a real VAIC):
 * ``session.error`` from the bot: record the reason and close the socket without ``session.end``.
-* A bot ``hangup``/``transfer`` activity ends the call at once: audio still buffered then counts as
-  ``cut_ms`` (so a bridge that hangs up before its goodbye finished playing is visible).
+* A bot ``hangup`` (or a ``transfer`` VAIC carries out) ends the call at once: audio still
+  buffered then counts as ``cut_ms`` (so a bridge that hangs up before its goodbye finished
+  playing is visible); ``CallResult.bot_activities`` has the unplayed amount at that moment.
 * ``playFinished`` is sent once per stream when it is finished (played out, or flushed by the stop
-  policy), as ``activities`` ``[{"type":"event","name":"playFinished",...}]``.
+  policy), within one frame of that instant, as ``activities`` ``[{"type":"event",
+  "name":"playFinished","value":{"playedDurationMS":N,"status":"finished"}}]`` (the shape of a
+  real call); ``N`` is the stream's heard ms.
 * Only ``userStream.speech.started`` (not ``hypothesis``) triggers the barge-in flush.
 * ``playStream.start`` while a stream is active: a violation; the old stream is stopped implicitly
   (stop policy applies) and the new one starts. A ``playStream.start`` without ``mediaFormat`` is a
@@ -63,21 +72,28 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from voicebridge.sim.caller_audio import FORMATS, AudioFormat, SpeechSource, wav_header
 from voicebridge.sim.caller_reader import _CallReader
 from voicebridge.sim.caller_records import (
+    TRANSFER_RESULTS,
+    BotActivity,
     CallerConfig,
     CallResult,
     Direction,
     EndReason,
     Event,
     Resume,
+    SentActivity,
+    TransferResult,
     Turn,
     format_timeline,
 )
 from voicebridge.sim.caller_script import (
     BargeIn,
     DropAndResume,
+    Dtmf,
+    NoUserInput,
     ScriptItem,
     Silence,
     Speak,
+    WaitForActivity,
     WaitForBot,
     default_script,
     parse_script,
@@ -86,17 +102,23 @@ from voicebridge.sim.playout_model import STOP_POLICIES, PlayoutModel
 
 __all__ = [
     "BargeIn",
+    "BotActivity",
     "CallResult",
     "CallerConfig",
     "Direction",
     "DropAndResume",
+    "Dtmf",
     "EndReason",
     "Event",
+    "NoUserInput",
     "Resume",
     "ScriptItem",
+    "SentActivity",
     "Silence",
     "Speak",
+    "TransferResult",
     "Turn",
+    "WaitForActivity",
     "WaitForBot",
     "default_script",
     "format_timeline",
@@ -114,15 +136,17 @@ MAX_VIOLATIONS = 200
 
 
 def _default_call_timeout_s(cfg: CallerConfig) -> float:
-    script_ms = 0
+    script_ms = 0.0
     for item in cfg.script:
         if isinstance(item, (Speak, Silence)):
             script_ms += item.ms
-        elif isinstance(item, WaitForBot):
+        elif isinstance(item, (WaitForBot, WaitForActivity)):
             script_ms += item.timeout_ms
         elif isinstance(item, DropAndResume):
             script_ms += item.after_ms + item.gap_ms + 2000 * cfg.accept_timeout_s
-        else:
+        elif isinstance(item, Dtmf):
+            script_ms += item.gap_ms * len(item.digits) + cfg.frame_ms
+        elif isinstance(item, BargeIn):
             script_ms += item.timeout_ms + item.ms
     return 4 * cfg.accept_timeout_s + script_ms / 1000 + CALL_TIMEOUT_MARGIN_S
 
@@ -168,6 +192,11 @@ class _Call(_CallReader):
             raise ValueError(f"stop_policy must be one of {STOP_POLICIES}")
         if cfg.hangup not in ("caller", "drop"):
             raise ValueError("hangup must be 'caller' or 'drop'")
+        outcomes = [cfg.transfer_result] if isinstance(cfg.transfer_result, str) else list(cfg.transfer_result)
+        if not outcomes or any(o not in TRANSFER_RESULTS for o in outcomes):
+            raise ValueError(f"transfer_result must be one of {TRANSFER_RESULTS} or a non-empty list of them")
+        if cfg.transfer_status_delay_ms < 0:
+            raise ValueError("transfer_status_delay_ms must not be negative")
         self.cfg = cfg
         self.cid = cfg.conversation_id or str(uuid.uuid4())
         self._cid_json = json.dumps(self.cid)
@@ -192,6 +221,9 @@ class _Call(_CallReader):
         self._stream_start = 0.0  # monotonic s when the first user frame was due
         self._sent_audio_ms = 0
         self._source = SpeechSource(self.fmt)
+        self._transfers = 0  # transfer activities seen (CallerConfig.transfer_outcome)
+        self._tasks: set[asyncio.Task[None]] = set()  # delayed sends (transferStatus)
+        self._activity_consumed: dict[str, int] = {}  # WaitForActivity: activities used per name
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -220,8 +252,11 @@ class _Call(_CallReader):
         self._event("out", msg["type"], detail)
         await self.ws.send(_dumps(msg))
 
-    async def _send_activity(self, activity: dict[str, Any], detail: str) -> None:
+    async def _send_activity(self, activity: dict[str, Any], detail: str, stream_id: str | None = None) -> None:
+        """Send one activity event (recorded in ``CallResult.sent_activities``)."""
         base = {"id": str(uuid.uuid4()), "timestamp": _iso_now(), "language": "en-US", "type": "event"}
+        self.result.sent_activities.append(
+            SentActivity(self.now(), str(activity.get("name")), activity.get("value"), stream_id))
         await self._send({"type": "activities", "activities": [{**base, **activity}]}, detail)
 
     async def _wait(self, event: asyncio.Event, timeout_s: float) -> bool:
@@ -252,9 +287,9 @@ class _Call(_CallReader):
         if not done:
             self._violation(f"call not finished within call_timeout_s={timeout_s:.1f}")
             self._end("timeout")
-        for task in (driver, reader):
+        for task in (driver, reader, *self._tasks):
             task.cancel()
-        outcomes = await asyncio.gather(driver, reader, return_exceptions=True)
+        outcomes = await asyncio.gather(driver, reader, *self._tasks, return_exceptions=True)
         await self.ws.close()
         self.result.close_code = self.ws.close_code
         self._finish()
@@ -351,12 +386,55 @@ class _Call(_CallReader):
                     self._script_timeout("wait-for-bot")
             elif isinstance(item, DropAndResume):
                 await self._drop_and_resume(item)
+            elif isinstance(item, Dtmf):
+                await self._dtmf(item)
+            elif isinstance(item, NoUserInput):
+                await self._wait_spoken()
+                await self._send_activity({"name": "noUserInput", "value": item.count},
+                                          f"noUserInput {item.count}")
+                self._last_utterance_end = self.now()
+            elif isinstance(item, WaitForActivity):
+                await self._wait_for_activity(item)
             else:
                 self._event("sim", "barge-in.wait", f"until {item.after_heard_ms} ms heard")
                 heard_enough = functools.partial(self._heard_enough, item.after_heard_ms)
                 if not await self._stream_silence_until(heard_enough, item.timeout_ms):
                     self._script_timeout("barge-in.wait")
                 await self._speak(item.ms)
+
+    async def _wait_spoken(self) -> None:
+        """Sleep until the user audio sent so far has been spoken (its real-time end)."""
+        delay = self._stream_start + self._sent_audio_ms / 1000 - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if self.result.end_reason is not None:
+            raise _CallEnded
+
+    async def _dtmf(self, item: Dtmf) -> None:
+        """Key presses: one DTMF event per digit (``gap_ms`` of silence between), or one."""
+        presses = list(item.digits) if item.per_digit else [item.digits]
+        for i, digits in enumerate(presses):
+            if i and item.gap_ms:
+                await self._stream_audio(item.gap_ms, speech=False)
+            await self._wait_spoken()
+            await self._send_activity({"name": "DTMF", "value": digits}, f"DTMF {digits}")
+        self._last_utterance_end = self.now()
+
+    async def _wait_for_activity(self, item: WaitForActivity) -> None:
+        """Silence until the next bot activity event named ``item.name`` (see WaitForActivity)."""
+        key = item.name.lower()
+        used = self._activity_consumed.get(key, 0)
+        self._event("sim", "activity.wait", f"{item.name} #{used + 1}, timeout {item.timeout_ms} ms")
+
+        def arrived() -> bool:
+            return len(self.result.activities_named(key)) > used
+
+        if not await self._stream_silence_until(arrived, item.timeout_ms):
+            self._script_timeout(f"activity.wait {item.name}")
+            return
+        self._activity_consumed[key] = used + 1
+        arrival = self.result.activities_named(key)[used].t_ms
+        self._last_utterance_end = max(self._last_utterance_end, arrival)
 
     async def _drop_and_resume(self, item: DropAndResume) -> None:
         """Abort the socket, wait ``gap_ms``, resume on a new one (see :class:`DropAndResume`)."""
@@ -493,7 +571,11 @@ class _Call(_CallReader):
                 t=stream.finished_t,
             )
             if self.cfg.play_finished:
-                await self._send_activity({"name": "playFinished"}, f"playFinished (stream {stream.stream_id})")
+                played_ms = round(stream.heard_ms)
+                value = {"playedDurationMS": played_ms, "status": "finished"}
+                await self._send_activity({"name": "playFinished", "value": value},
+                                          f"playFinished (stream {stream.stream_id}: {played_ms} ms)",
+                                          stream_id=stream.stream_id)
 
     def _bot_answered(self) -> bool:
         t = self.now()
@@ -559,10 +641,19 @@ def _build_parser() -> argparse.ArgumentParser:
         f"known: {', '.join(FORMATS)}")
     add("--script", default="wait,speak:1500,wait",
         help="comma-separated: speak:MS, silence:MS, wait[:TIMEOUT_MS], bargein:AFTER_MS:MS[:TIMEOUT_MS], "
-        "resume:GAP_MS[:AFTER_MS] (drop the socket, session.resume after GAP_MS) (default %(default)s)")
+        "resume:GAP_MS[:AFTER_MS] (drop the socket, session.resume after GAP_MS), "
+        "dtmf:DIGITS[:GAP_MS] (DTMF events per digit) or dtmf:DIGITS:string (one collected event), "
+        "nouserinput[:COUNT], activity:NAME[:TIMEOUT_MS] (wait for the next bot activity NAME, "
+        "e.g. transfer) (default %(default)s)")
     add("--stop-policy", choices=STOP_POLICIES, default="flush",
         help="what playStream.stop / bot speech.started do to buffered bot audio (default %(default)s)")
-    add("--play-finished", action="store_true", help="send playFinished when a bot stream finished playing")
+    add("--play-finished", action="store_true",
+        help="send playFinished {playedDurationMS, status} when a bot stream finished playing")
+    add("--transfer-result", choices=TRANSFER_RESULTS, default="transferred",
+        help="on a bot transfer: end the call (transferred), or send a failed transferStatus and "
+        "go on (failed) (default %(default)s)")
+    add("--transfer-status-delay-ms", type=int, default=100,
+        help="with --transfer-result failed: delay before transferStatus (default %(default)s)")
     add("--frame-ms", type=int, default=20, help="user audio frame length (default %(default)s)")
     add("--hangup", choices=("caller", "drop"), default="caller",
         help="end of script: proper caller hang-up, or drop the socket (default %(default)s)")
@@ -600,6 +691,8 @@ async def _main_async(args: argparse.Namespace) -> int:
         accept_timeout_s=args.accept_timeout,
         send_start_activity=not args.no_start_activity,
         hangup=args.hangup,
+        transfer_result=args.transfer_result,
+        transfer_status_delay_ms=args.transfer_status_delay_ms,
     )
     result = await run_call(cfg)
     print(format_timeline(result))

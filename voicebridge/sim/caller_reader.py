@@ -3,8 +3,11 @@
 :class:`_CallReader` parses each bot message, checks it against the Bot API contract (recording
 violations instead of raising), feeds play streams into the playout model (``playStream.start`` /
 ``chunk`` / ``stop``, barge-in flushes) and ends the call on a bot ``hangup`` / ``transfer``
-activity or ``session.error``. It is the reader half of :class:`voicebridge.sim.caller._Call`,
-which inherits it and owns the state declared below.
+activity or ``session.error``. Every bot activity is recorded with the playout at its arrival
+(``CallResult.bot_activities``); a ``transfer`` VAIC fails (``CallerConfig.transfer_result``)
+is answered with a ``transferStatus`` event and the call goes on; ``sendDtmf`` digits are
+recorded and checked. It is the reader half of :class:`voicebridge.sim.caller._Call`, which
+inherits it and owns the state declared below.
 """
 
 from __future__ import annotations
@@ -13,14 +16,18 @@ import asyncio
 import base64
 import binascii
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from voicebridge.sim.caller_audio import FORMATS, AudioFormat, strip_wav_header
-from voicebridge.sim.caller_records import CallerConfig, CallResult, Direction, EndReason
+from voicebridge.sim.caller_records import BotActivity, CallerConfig, CallResult, Direction, EndReason
 from voicebridge.sim.playout_model import PlayoutModel
+
+SEND_DTMF_RE = re.compile(r"^[0-9*#]{1,20}$")
+TRANSFER_TARGET_RE = re.compile(r"^(sip:|sips:|tel:)\S+$")
 
 
 class _CallReader:
@@ -40,6 +47,8 @@ class _CallReader:
     _ended_by_bot: bool
     _dropping: bool
     _reattached: asyncio.Event
+    _transfers: int
+    _tasks: set[asyncio.Task[None]]
 
     if TYPE_CHECKING:  # provided by _Call
 
@@ -52,6 +61,8 @@ class _CallReader:
         def _end(self, reason: EndReason) -> None: ...
 
         async def _send(self, msg: dict[str, Any], detail: str = "") -> None: ...
+
+        async def _send_activity(self, activity: dict[str, Any], detail: str) -> None: ...
 
     async def _read(self) -> None:
         while True:
@@ -244,18 +255,77 @@ class _CallReader:
             self.result.received_activities.append(activity)
             name = activity.get("name")
             kind = activity.get("type")
-            params = activity.get("activityParams") if isinstance(activity.get("activityParams"), dict) else {}
+            raw_params = activity.get("activityParams")
+            params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
             detail = f"{kind}:{name}" if kind == "event" else f"{kind}: {activity.get('text', '')}"
             self._event("in", "activities", detail, t)
+            record = self._bot_activity(activity, t)
             if kind != "event" or self._ended_by_bot:
                 continue
             if name == "hangup":
+                self._ends_call(record)
                 reason = params.get("hangupReason")
                 text = reason if isinstance(reason, str) else "Bot Side"
                 await self._end_by_bot("bot-hangup", "bot-disconnected", text)
             elif name in ("transfer", "handover"):
-                target = params.get("transferTarget", "")
-                await self._end_by_bot("transfer", "transferred", f"transfer to {target}")
+                await self._on_transfer(record, params)
+            elif name == "sendDtmf":
+                digits = params.get("dtmfDigits")
+                if not isinstance(digits, str) or not SEND_DTMF_RE.match(digits):
+                    self._violation(f"sendDtmf dtmfDigits {digits!r}: expected 1-20 of 0-9 * #")
+                self.result.dtmf_received.append(digits if isinstance(digits, str) else repr(digits))
+
+    def _bot_activity(self, activity: dict[str, Any], t: float) -> BotActivity:
+        """Record ``activity`` with the playout at ``t`` (see :class:`BotActivity`)."""
+        name = activity.get("name")
+        kind = activity.get("type")
+        end = self.model.buffer_end_t
+        active = self.model.active
+        record = BotActivity(
+            t_ms=t,
+            name=name if isinstance(name, str) else None,
+            type=kind if isinstance(kind, str) else None,
+            activity=activity,
+            unplayed_ms=sum((left for _, left in self.model.unplayed(t)), 0.0),
+            playout_end_ms=None if end == float("-inf") else end,
+            open_stream=None if active is None else active.stream_id,
+        )
+        self.result.bot_activities.append(record)
+        return record
+
+    def _ends_call(self, record: BotActivity) -> None:
+        record.ends_call = True
+        record.cut_ms = record.unplayed_ms
+        record.streams_cut = [s.stream_id for s, _ in self.model.unplayed(record.t_ms)]
+
+    async def _on_transfer(self, record: BotActivity, params: dict[str, Any]) -> None:
+        target = params.get("transferTarget")
+        if not isinstance(target, str) or not TRANSFER_TARGET_RE.match(target):
+            self._violation(f"transfer transferTarget {target!r}: expected a sip:, sips: or tel: URI")
+        outcome = self.cfg.transfer_outcome(self._transfers)
+        self._transfers += 1
+        if outcome == "transferred":
+            self._ends_call(record)
+            await self._end_by_bot("transfer", "transferred", f"transfer to {target}")
+            return
+        self._event("sim", "transfer.failed", f"transferStatus in {self.cfg.transfer_status_delay_ms} ms")
+        task = asyncio.create_task(self._send_transfer_status())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_transfer_status(self) -> None:
+        """``transfer_result="failed"``: tell the bot, after the configured delay."""
+        cfg = self.cfg
+        await asyncio.sleep(cfg.transfer_status_delay_ms / 1000)
+        if self.result.end_reason is not None or self._dropping:
+            return
+        value = {"status": "failed", "reasonCode": cfg.transfer_fail_reason_code,
+                 "reason": cfg.transfer_fail_reason}
+        try:
+            await self._send_activity({"name": "transferStatus", "value": value},
+                                      f"transferStatus failed ({cfg.transfer_fail_reason_code})")
+        except ConnectionClosed:
+            pass
 
     async def _end_by_bot(self, reason: EndReason, reason_code: str, text: str) -> None:
         self._ended_by_bot = True

@@ -1,16 +1,22 @@
 """Configuration and result records of a simulated VAIC call, and the readable call timeline.
 
-:class:`CallerConfig` (one call), :class:`CallResult` with its :class:`Event` and :class:`Turn`
-entries, and :func:`format_timeline`. Re-exported by :mod:`voicebridge.sim.caller`.
+:class:`CallerConfig` (one call), :class:`CallResult` with its :class:`Event`, :class:`Turn`,
+:class:`BotActivity` and :class:`SentActivity` entries, and :func:`format_timeline`.
+Re-exported by :mod:`voicebridge.sim.caller`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from voicebridge.sim.caller_script import ScriptItem, default_script
 from voicebridge.sim.playout_model import PlayedStream, StopPolicy
+
+
+TransferResult = Literal["transferred", "failed"]
+TRANSFER_RESULTS: tuple[TransferResult, ...] = ("transferred", "failed")
 
 
 @dataclass
@@ -19,6 +25,20 @@ class CallerConfig:
     strings may be offered (negative tests) but at least one must be a format this simulator can
     generate. ``call_timeout_s=None`` derives a bound from the script and ``accept_timeout_s``.
     ``record_audio=False`` skips keeping bot audio (``heard_bytes`` stays empty) for load tests.
+
+    ``play_finished``: send VAIC's ``playFinished`` event once per bot play stream when its
+    audio finished playing (stopped, and played out or flushed, per the playout model), as seen
+    in a real call: ``{"type": "event", "name": "playFinished", "value": {"playedDurationMS":
+    <ms of that stream actually played, rounded>, "status": "finished"}}``. The status is always
+    ``"finished"`` (the only value seen; what VAIC reports for an interrupted prompt is unknown).
+
+    Transfers: on a bot ``transfer`` (or ``handover``) activity, ``transfer_result`` decides
+    what VAIC does: ``"transferred"`` (default) sends ``session.end`` ``transferred`` and ends
+    the call; ``"failed"`` (bot-regains-control configured) keeps the call and, after
+    ``transfer_status_delay_ms``, sends ``{"type": "event", "name": "transferStatus", "value":
+    {"status": "failed", "reasonCode": transfer_fail_reason_code, "reason":
+    transfer_fail_reason}}``; the script goes on and bot audio keeps playing. A sequence gives
+    the outcome per transfer in order (its last entry repeats): ``["failed", "transferred"]``.
     """
 
     url: str
@@ -37,6 +57,17 @@ class CallerConfig:
     hangup: Literal["caller", "drop"] = "caller"
     record_audio: bool = True
     call_timeout_s: float | None = None
+    transfer_result: TransferResult | Sequence[TransferResult] = "transferred"
+    transfer_status_delay_ms: int = 100
+    transfer_fail_reason_code: str = "declined"
+    transfer_fail_reason: str = "SIP ;cause=603"
+
+    def transfer_outcome(self, n: int) -> TransferResult:
+        """What VAIC does with the ``n``-th transfer of the call (from 0)."""
+        if isinstance(self.transfer_result, str):
+            return self.transfer_result
+        results = list(self.transfer_result)
+        return results[min(n, len(results) - 1)]
 
 
 Direction = Literal["in", "out", "sim"]
@@ -73,6 +104,47 @@ class Turn:
     latency_ms: float | None
 
 
+@dataclass
+class BotActivity:
+    """One activity the bot sent, with the caller's playout at its arrival (ms since call start).
+
+    ``name``: the event's ``name`` (``hangup``, ``transfer``, ``sendDtmf``, ...), None for a
+    non-event activity (``type`` then says what it is); ``activity``: the whole object as
+    received. ``unplayed_ms``: bot audio queued in the playout buffer but not yet played at
+    ``t_ms`` (0: everything received so far had been played); ``playout_end_ms``: when the
+    queued audio ends playing (None: no bot audio yet); ``open_stream``: the id of a play stream
+    started and not yet stopped at ``t_ms`` (the bot may still be sending audio), else None.
+    ``ends_call``: this activity ended the call (``hangup``, a ``transfer`` VAIC carried out);
+    then ``cut_ms`` = ``unplayed_ms`` (never heard: the call is gone) and ``streams_cut`` the ids
+    of the streams that still had audio to play, else ``cut_ms`` 0 and ``streams_cut`` empty.
+    So "the hang-up came after the last goodbye frame was played and no frame is cut" is
+    ``act.unplayed_ms == 0 and act.open_stream is None and not act.streams_cut``.
+    """
+
+    t_ms: float
+    name: str | None
+    type: str | None
+    activity: dict[str, Any]
+    unplayed_ms: float
+    playout_end_ms: float | None
+    open_stream: str | None
+    ends_call: bool = False
+    cut_ms: float = 0.0
+    streams_cut: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SentActivity:
+    """One activity event this simulated VAIC sent (``start``, ``DTMF``, ``noUserInput``,
+    ``playFinished``, ``transferStatus``): ``t_ms`` since call start, the event ``name``, its
+    ``value`` (None if it has none) and, for ``playFinished``, the ``stream_id`` it reports."""
+
+    t_ms: float
+    name: str
+    value: Any = None
+    stream_id: str | None = None
+
+
 ResumeOutcome = Literal["accepted", "error", "connect-failed", "timeout"]
 
 
@@ -102,6 +174,11 @@ class CallResult:
     ``connect_error``) to the reasons of the call contract. ``started_at`` is t = 0 on
     ``time.monotonic()`` (to line the call up with other records, e.g. the fake OpenAI server's).
     ``resumes``: one :class:`Resume` per ``DropAndResume`` run.
+    ``bot_activities``: every activity from the bot with its arrival time and the playout then
+    (:class:`BotActivity`; ``received_activities`` keeps the bare objects);
+    ``dtmf_received``: the ``dtmfDigits`` of every bot ``sendDtmf``, in order (digits outside
+    0-9 * # or longer than 20 are also a violation); ``sent_activities``: every activity event
+    the caller sent (:class:`SentActivity`).
     """
 
     url: str
@@ -125,6 +202,23 @@ class CallResult:
     duration_ms: float = 0.0
     started_at: float = 0.0
     resumes: list[Resume] = field(default_factory=list)
+    bot_activities: list[BotActivity] = field(default_factory=list)
+    dtmf_received: list[str] = field(default_factory=list)
+    sent_activities: list[SentActivity] = field(default_factory=list)
+
+    def activities_named(self, name: str) -> list[BotActivity]:
+        """The bot's activities whose event name is ``name`` (case insensitive), in order."""
+        low = name.lower()
+        return [a for a in self.bot_activities if a.name is not None and a.name.lower() == low]
+
+    def sent_named(self, name: str) -> list[SentActivity]:
+        """The caller's activity events named ``name``, in order."""
+        return [a for a in self.sent_activities if a.name == name]
+
+    @property
+    def cut_ms(self) -> float:
+        """Bot audio never heard because the call ended while it was queued (all streams)."""
+        return sum(s.cut_ms for s in self.streams)
 
     def audible(self) -> list[tuple[float, float]]:
         """The spans (ms, merged, in time order) during which bot audio was playing: each stream
@@ -191,8 +285,15 @@ def format_timeline(result: CallResult) -> str:
         lines.append("  (none)")
     if result.speech_started_from_bot:
         lines.append("bot speech.started at: " + ", ".join(f"{t:.0f} ms" for t in result.speech_started_from_bot))
-    if result.received_activities:
-        lines.append(f"activities from bot: {len(result.received_activities)}")
+    if result.bot_activities:
+        lines.append(f"activities from bot: {len(result.bot_activities)}")
+    for act in result.bot_activities:
+        what = act.name if act.name is not None else f"({act.type})"
+        extra = f", cut {act.cut_ms:.0f} ms of {','.join(act.streams_cut)}" if act.streams_cut else ""
+        open_ = f", stream {act.open_stream} open" if act.open_stream else ""
+        lines.append(f"  {act.t_ms:9.1f} ms {what}: unplayed {act.unplayed_ms:.0f} ms{open_}{extra}")
+    if result.dtmf_received:
+        lines.append("sendDtmf from bot: " + ", ".join(result.dtmf_received))
     for r in result.resumes:
         lines.append(f"resume: dropped at {r.drop_ms:.0f} ms -> {r.outcome} {r.detail}".rstrip()
                      + (f" at {r.reply_ms:.0f} ms" if r.reply_ms is not None else ""))

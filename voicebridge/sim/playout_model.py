@@ -169,6 +169,16 @@ class PlayoutModel:
         """The most recently started stream, if any."""
         return self.streams[-1] if self.streams else None
 
+    def unplayed(self, t: float) -> list[tuple[PlayedStream, float]]:
+        """The streams that still have audio queued but not yet played at ``t``, with how many
+        ms each (flushed audio excluded), in start order. Empty when everything was played."""
+        out: list[tuple[PlayedStream, float]] = []
+        for stream in self._unfinished:
+            left = (stream.received_ms - stream.flushed_ms) - self.heard_ms(stream, t)
+            if left > 1e-9:
+                out.append((stream, left))
+        return out
+
     def is_idle(self, t: float) -> bool:
         """True if no stream is open and nothing is left to play at ``t``."""
         return self.active is None and self.buffer_end_t <= t

@@ -2,9 +2,11 @@
 
 Split by idea: ``server`` (listener, handshake and auth, fault knobs, CLI), ``connection`` (one
 session's protocol: client events, the input buffer and its VAD, items, the session limit),
-``responses`` (scripted responses, barge-in, truncation), ``validate`` (``session.update`` and
-client-event validation against the GA shapes), ``audio`` (formats, tone, energy VAD) and
-``records`` (the configuration and what the fake records for tests to assert on).
+``responses`` (scripted responses, barge-in, truncation), ``tools`` (scripted function and MCP
+calls, MCP tool listing, the checks on the client's tool outputs and responses), ``usage`` (the
+token ``usage`` of each response), ``validate`` (``session.update`` and client-event validation
+against the GA shapes), ``audio`` (formats, tone, energy VAD) and ``records`` (the configuration
+and what the fake records for tests to assert on).
 ``python -m voicebridge.sim.fake_openai --help`` runs it standalone.
 """
 

@@ -23,7 +23,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from voicebridge.sim.fake_openai.audio import _EnergyVad, bytes_per_ms
-from voicebridge.sim.fake_openai.records import FakeSession, _Item, _new_id
+from voicebridge.sim.fake_openai.records import (
+    FakeClientItem,
+    FakeFunctionCall,
+    FakeMcpCall,
+    FakeSession,
+    _Item,
+    _new_id,
+)
 from voicebridge.sim.fake_openai.responses import _ResponseMixin, _Run
 from voicebridge.sim.fake_openai.validate import (
     _CLIENT_EVENT_KEYS,
@@ -74,6 +81,7 @@ class _Conn(_ResponseMixin):
         self.vad = _EnergyVad()
         self.buffered_bytes = 0
         self.pending_user_item: str | None = None
+        self.speech_start_ms: int | None = None  # VAD: audio_start_ms of the pending user turn
         self.items: dict[str, _Item] = {}
         self.last_item_id: str | None = None
         self.active: _Run | None = None
@@ -88,6 +96,14 @@ class _Conn(_ResponseMixin):
         self.drop_handle: asyncio.TimerHandle | None = None
         self.drop_task: asyncio.Task[None] | None = None
         self.fails_left = list(self.cfg.fail_responses)  # ``fail_responses`` knob, per session
+        self.greeted = False  # the greeting was spoken (see ``FakeOpenAIConfig``)
+        self.prev_input_tokens = 0  # input tokens of the previous response (cache estimate)
+        # tool calls (``tools``): issued call_ids, MCP servers listed, MCP calls still running
+        self.calls_by_id: dict[str, FakeFunctionCall] = {}
+        self.mcp_listed: set[str] = set()
+        self.mcp_pending: dict[str, FakeMcpCall] = {}
+        self.mcp_tasks: set[asyncio.Task[None]] = set()
+        self.items_since_response: list[FakeClientItem] = []
         # malicious-upstream knobs, fixed for the whole session
         self.silent = self.cfg.silent
         self.bad_delta = self.cfg.bad_delta
@@ -255,6 +271,10 @@ class _Conn(_ResponseMixin):
         if run is not None and run.task is not None and not run.task.done():
             run.task.cancel()
             await asyncio.wait({run.task}, timeout=CLOSE_TIMEOUT_S)
+        for mcp_task in list(self.mcp_tasks):
+            mcp_task.cancel()
+        if self.mcp_tasks:
+            await asyncio.wait(set(self.mcp_tasks), timeout=CLOSE_TIMEOUT_S)
         for task in (self.expire_task, self.drop_task):
             if task is not None and not task.done():
                 await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S + 1)
@@ -359,11 +379,13 @@ class _Conn(_ResponseMixin):
                 else:
                     await self.send_error(code, f"Injected error '{code}' (fake server fault knob).",
                                           injected=True)
+        await self._tools_updated(event["session"])
 
     # -- input audio ----------------------------------------------------------------------
 
     def _turn_detection(self) -> dict[str, Any] | None:
-        return self.session["audio"]["input"]["turn_detection"]
+        td: dict[str, Any] | None = self.session["audio"]["input"]["turn_detection"]
+        return td
 
     async def _on_append(self, event: dict[str, Any], event_id: str | None) -> None:
         if "audio" not in event:
@@ -403,6 +425,7 @@ class _Conn(_ResponseMixin):
     async def _speech_started(self, at_ms: int, td: dict[str, Any]) -> None:
         item_id = _new_id("item_")
         self.pending_user_item = item_id
+        self.speech_start_ms = at_ms
         await self.send("input_audio_buffer.speech_started", audio_start_ms=at_ms, item_id=item_id)
         run = self.active
         if run is not None and td.get("interrupt_response", True):
@@ -411,14 +434,20 @@ class _Conn(_ResponseMixin):
     async def _speech_stopped(self, at_ms: int, td: dict[str, Any]) -> None:
         item_id = self.pending_user_item or _new_id("item_")
         self.pending_user_item = None
+        start_ms, self.speech_start_ms = self.speech_start_ms, None
         await self.send("input_audio_buffer.speech_stopped", audio_end_ms=at_ms, item_id=item_id)
-        await self._commit(item_id)
+        await self._commit(item_id, None if start_ms is None else max(0, at_ms - start_ms))
         # [fake] when a response is still active at speech stop, no second one is started.
         if td.get("create_response", True) and self.active is None:
             self._start_response("vad", None)
 
-    async def _commit(self, item_id: str) -> None:
-        """Turn the buffer into a user item: committed, conversation.item.added/done."""
+    async def _commit(self, item_id: str, speech_ms: int | None = None) -> None:
+        """Turn the buffer into a user item: committed, conversation.item.added/done.
+
+        ``speech_ms``: the item's audio (VAD: speech start to stop); None = the whole buffer.
+        """
+        if speech_ms is None:
+            speech_ms = int(self.buffered_bytes / bytes_per_ms(self.in_fmt))
         self.buffered_bytes = 0
         self.user_turns += 1
         previous = self.last_item_id
@@ -431,7 +460,7 @@ class _Conn(_ResponseMixin):
             "role": "user",
             "content": [{"type": "input_audio", "transcript": None}],
         }
-        self._remember(item_id, _Item("user", item))
+        self._remember(item_id, _Item("user", item, audio_ms=speech_ms, has_audio=True))
         await self.send("conversation.item.added", previous_item_id=previous, item=item)
         await self.send("conversation.item.done", previous_item_id=previous, item=item)
         if self.session["audio"]["input"].get("transcription") is not None and self.cfg.input_transcripts:
@@ -451,12 +480,14 @@ class _Conn(_ResponseMixin):
             )
         item_id = self.pending_user_item or _new_id("item_")
         self.pending_user_item = None
+        self.speech_start_ms = None
         self.vad.reset_state()
         await self._commit(item_id)
 
     async def _on_clear(self, event: dict[str, Any], event_id: str | None) -> None:
         self.buffered_bytes = 0
         self.pending_user_item = None
+        self.speech_start_ms = None
         self.vad.reset_state()
         await self.send("input_audio_buffer.cleared")
 
@@ -494,7 +525,7 @@ class _Conn(_ResponseMixin):
                 "user": ("input_text", "input_audio"),
                 "system": ("input_text",),
                 "assistant": ("output_text",),
-            }.get(role)  # type: ignore[arg-type]
+            }.get(str(role))
             if allowed_parts is None:
                 raise _invalid_value("item.role", role, ("user", "system", "assistant"))
             content = item.get("content")
@@ -522,11 +553,13 @@ class _Conn(_ResponseMixin):
                 "item.type", kind, ("message", "function_call", "function_call_output")
             )
         out = dict(item)
-        item_id = out.get("id") if isinstance(out.get("id"), str) else _new_id("item_")
+        given = out.get("id")
+        item_id = given if isinstance(given, str) else _new_id("item_")
         out["id"] = item_id
         out["object"] = "realtime.item"
         out["status"] = "completed"
         self._remember(item_id, _Item(role, out))
+        self._client_item(out)
         await self.send("conversation.item.added", previous_item_id=previous, item=out)
         await self.send("conversation.item.done", previous_item_id=previous, item=out)
 

@@ -29,10 +29,65 @@ class FakeOpenAIConfig:
     Fields read per session (at connect) or per event, so changing them on a running server
     affects later sessions/events.
 
-    Reply scripting: ``replies`` are used per session in turn order (cycling). A reply may end
-    with ``"@@name {json-args}"``: the text before the marker is spoken, then a
-    ``function_call`` output item ``name`` with those arguments follows in the same response
-    ``[fake]`` (e.g. ``"Goodbye! @@hang_up {}"``).
+    Reply scripting: the first response of a session that comes from ``response.create`` before
+    any caller turn speaks ``greeting_text`` (``greeting_ms``); every other response (VAD turn,
+    or ``response.create`` after a tool output, a DTMF item, ...) takes the next of ``replies``,
+    per session in order (cycling). A reply may end with tool calls, each introduced by ``@@``:
+    the text before the first marker is spoken (an audio message item), then each call follows
+    as its own output item of the same response, in order:
+
+    * ``"@@name {json-args}"``: a ``function_call`` item ``name`` (GA shape: ``call_id``,
+      ``arguments``; events ``response.output_item.added``, ``conversation.item.added``,
+      ``response.function_call_arguments.delta`` and ``.done`` with ``call_id``/``name``/
+      ``arguments``/``item_id``/``response_id``/``output_index``, ``response.output_item.done``,
+      ``conversation.item.done``); ``response.done`` lists every item in ``response.output``.
+      The arguments text is sent as written (no JSON check: a test may script bad arguments).
+      E.g. ``"Goodbye! @@end_call {\"reason\": \"done\"}"``, or
+      ``"One moment. @@transfer_call {\"target\": \"sales\"}"`` followed in ``replies`` by
+      ``"Sorry, the transfer failed."`` (spoken by the response the client creates after it
+      told the model the outcome).
+    * ``"@@mcp:LABEL:TOOL {json-args}"``: a server-side ``mcp_call`` item on the MCP server
+      ``LABEL`` (see MCP below).
+
+    Each call is recorded in ``FakeSession.function_calls`` / ``mcp_calls`` with ``offered``:
+    whether the session's (or the response's) ``tools`` held that function name / MCP label; the
+    fake calls it either way. A response cancelled during its message makes no calls.
+
+    Tool-call checks on the client (recorded in ``FakeSession.violations``, never an error
+    except where the live API sends one):
+
+    * a ``function_call_output`` whose ``call_id`` this session's model never issued (an MCP
+      call's id included: MCP calls are run by the server), or a second output for a call_id;
+    * ``response.create`` while a response is active: also answered with the live API's
+      ``conversation_already_has_active_response`` error;
+    * ``response.create`` while an MCP call of an earlier response is still running.
+    ``FakeSession.unanswered_calls()`` lists the function calls that got no output.
+
+    MCP: when a ``session.update`` brings an ``mcp`` tool whose ``server_label`` was not listed
+    yet, the fake sends ``conversation.item.added`` (an ``mcp_list_tools`` item),
+    ``mcp_list_tools.in_progress``, then ``mcp_list_tools.completed`` and
+    ``conversation.item.done`` with the tool list (``mcp_server_tools[label]``, else the tool's
+    ``allowed_tools`` names, else none); for a label in ``mcp_list_fail``:
+    ``mcp_list_tools.failed`` and an empty list. A scripted MCP call sends
+    ``response.output_item.added`` (item ``{id, type: "mcp_call", server_label, name,
+    arguments: "", approval_request_id: null, error: null, output: null}``),
+    ``conversation.item.added``, ``response.mcp_call_arguments.delta`` and ``.done``,
+    ``response.mcp_call.in_progress``; the tool then runs ``mcp_call_ms``. It ends with
+    ``response.mcp_call.completed`` (``output`` = ``mcp_outputs["LABEL:TOOL"]``, else
+    ``mcp_outputs["TOOL"]``, else ``{"ok": true}``) or, when ``mcp_failures`` has the key
+    ``"LABEL:TOOL"`` or ``"TOOL"``, ``response.mcp_call.failed`` (``error``
+    ``{"type": "tool_execution_error", "message": <that value>}``), then
+    ``response.output_item.done`` and ``conversation.item.done`` with the final item. With
+    ``mcp_call_ms > 0`` the response's ``response.done`` comes first (the item in its output
+    still has ``output: null``) and the completion follows after it, as the live API documents
+    ("response.done may arrive before its MCP calls complete"); with 0 the completion comes
+    before ``response.done``. As on the live API, the server never starts a follow-up
+    response by itself: the client sends ``response.create`` once the call ended. Approval
+    requests are not simulated (every call runs as with ``require_approval: "never"``).
+
+    Usage: ``response.done`` carries a ``usage`` object computed by
+    :mod:`voicebridge.sim.fake_openai.usage` from what was said and heard (also kept in
+    ``FakeResponse.usage``), so a test can sum it and compare with the bridge's counters.
 
     Malicious-upstream knobs (hardening tests), each read once per session, at connect:
 
@@ -116,6 +171,95 @@ class FakeOpenAIConfig:
     bad_delta: str | None = None
     stop_reading_after_s: float | None = None
     drop_after_ms_for: Callable[[str], float | None] | None = None
+    mcp_call_ms: float = 100.0
+    mcp_outputs: dict[str, str] = field(default_factory=dict)
+    mcp_failures: dict[str, str] = field(default_factory=dict)
+    mcp_server_tools: dict[str, list[str]] = field(default_factory=dict)
+    mcp_list_fail: list[str] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class FakeFunctionCall:
+    """One ``function_call`` the fake model made (see ``FakeOpenAIConfig``, reply scripting).
+
+    ``outputs``: the ``output`` of every ``function_call_output`` the client sent for
+    ``call_id``, in order (exactly one is correct); ``output_at``: when the first arrived.
+    ``offered``: the session's (or the response's) ``tools`` held a function of this name.
+    ``at``: when ``response.function_call_arguments.done`` was sent.
+    """
+
+    name: str
+    arguments: str
+    call_id: str
+    item_id: str
+    response_id: str
+    output_index: int
+    offered: bool
+    at: float
+    outputs: list[str] = field(default_factory=list)
+    output_at: float | None = None
+
+
+@dataclass(eq=False)
+class FakeMcpCall:
+    """One server-side ``mcp_call`` (see ``FakeOpenAIConfig``, MCP).
+
+    ``status``: ``in_progress`` → ``completed`` | ``failed``; ``output`` / ``error`` as sent in
+    the final item; ``done_at`` when ``response.mcp_call.completed``/``.failed`` was sent.
+    ``offered``: an ``mcp`` tool with this ``server_label`` was in the session's (or the
+    response's) tools.
+    """
+
+    server_label: str
+    name: str
+    arguments: str
+    item_id: str
+    response_id: str
+    output_index: int
+    offered: bool
+    at: float
+    status: str = "in_progress"
+    output: str | None = None
+    error: dict[str, Any] | None = None
+    done_at: float | None = None
+
+
+@dataclass(eq=False)
+class FakeClientItem:
+    """One ``conversation.item.create`` the client sent and the fake accepted.
+
+    ``type``: ``message`` | ``function_call_output`` | ``function_call``; ``role``: the message
+    role (``user`` | ``system`` | ``assistant``), ``None`` for other types; ``text``: the
+    message's text parts joined with a space, or the function output; ``call_id`` for
+    function items.
+    """
+
+    at: float
+    item_id: str
+    type: str
+    role: str | None
+    text: str
+    call_id: str | None = None
+
+
+@dataclass(eq=False)
+class FakeClientResponse:
+    """One ``response.create`` the client sent.
+
+    ``reason``: why the client asked, read from the items it created since its previous
+    ``response.create`` (``items``): ``function_call_output`` if one of them was a tool output,
+    else ``message:<role>`` of the last message item, else ``bare`` (e.g. the greeting).
+    ``rejected``: the error code it got (``conversation_already_has_active_response``...),
+    else None and ``response_id`` is the response it started. ``instructions``: the
+    response-level override, if any.
+    """
+
+    at: float
+    reason: str
+    items: list[FakeClientItem]
+    instructions: str | None = None
+    response_id: str | None = None
+    rejected: str | None = None
 
 
 @dataclass(eq=False)
@@ -139,7 +283,11 @@ class FakeResponse:
     audio_ms_sent: int = 0
     deltas_sent: int = 0
     transcript_sent: str = ""
-    function_call: tuple[str, str] | None = None  # (name, arguments JSON) [fake]
+    function_call: tuple[str, str] | None = None  # first scripted call: (name, arguments) [fake]
+    calls: list[tuple[str, str]] = field(default_factory=list)  # every scripted (name, arguments)
+    tool_calls: list[FakeFunctionCall | FakeMcpCall] = field(default_factory=list)  # as made
+    usage: dict[str, Any] | None = None  # the ``usage`` sent in ``response.done``
+    client_request: FakeClientResponse | None = None  # the response.create that started it
     created_at: float | None = None  # response.created sent
     first_delta_at: float | None = None
     cancelled_at: float | None = None
@@ -161,6 +309,15 @@ class FakeSession:
     where ``item_audio_ms`` is the audio the server had sent for the item at that moment.
     ``session``: the current effective session object (as in the last ``session.updated``).
     ``close_code`` is 1006 when the TCP connection ended without a close frame.
+
+    Tool and client records (see ``FakeOpenAIConfig``): ``tools_offered`` the names of the
+    tools of the effective session (function name, or ``"mcp:<server_label>"``), as of the last
+    ``session.update``; ``tools_history`` that list after every ``session.update`` that carried
+    ``tools``; ``function_calls`` / ``mcp_calls`` the calls the model made; ``function_outputs``
+    call_id → the first ``function_call_output`` text received for it; ``client_items`` every
+    accepted ``conversation.item.create``; ``client_responses`` every ``response.create``
+    (accepted or not); ``violations`` what the client did wrong with tools and responses (one
+    readable line each).
     """
 
     id: str
@@ -186,6 +343,22 @@ class FakeSession:
     reading_stopped_at: float | None = None  # ``stop_reading_after_s`` knob: when reading stopped
     dropped_at: float | None = None  # ``drop_after_s`` knob: when the fake ended the connection
     peer: Any = None  # the client's (host, port), as the accepted socket saw it
+    tools_offered: list[str] = field(default_factory=list)
+    tools_history: list[list[str]] = field(default_factory=list)
+    function_calls: list[FakeFunctionCall] = field(default_factory=list)
+    function_outputs: dict[str, str] = field(default_factory=dict)
+    mcp_calls: list[FakeMcpCall] = field(default_factory=list)
+    client_items: list[FakeClientItem] = field(default_factory=list)
+    client_responses: list[FakeClientResponse] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+
+    def unanswered_calls(self) -> list[FakeFunctionCall]:
+        """Function calls of this session that got no ``function_call_output``."""
+        return [c for c in self.function_calls if not c.outputs]
+
+    def usage_total(self, key: str = "total_tokens") -> int:
+        """Sum of ``usage[key]`` over this session's responses (``None`` usage counts 0)."""
+        return sum(int(r.usage.get(key, 0)) for r in self.responses if r.usage)
 
     def sent_of(self, event_type: str) -> list[dict[str, Any]]:
         """Recorded server events of ``event_type``, in send order."""
@@ -200,9 +373,10 @@ class FakeSession:
 class _Item:
     role: str  # user | assistant | system | tool
     item: dict[str, Any]
-    audio_ms: int = 0  # assistant: audio ms currently in the item (sent, minus truncation)
+    audio_ms: int = 0  # audio ms in the item: assistant (sent, minus truncation), user speech
     truncated: bool = False
     response: FakeResponse | None = None
+    has_audio: bool = False  # the item holds audio (caller speech, assistant audio)
 
 
 def _new_id(prefix: str) -> str:

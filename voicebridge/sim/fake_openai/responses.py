@@ -1,7 +1,8 @@
 """Scripted responses of the fake OpenAI Realtime server.
 
 ``response.create`` / ``response.cancel`` and the paced §2.4 event script of one response (audio
-or text deltas, an optional scripted function call), with cancellation by barge-in or the client.
+or text deltas, then the scripted function and MCP calls of :mod:`.tools`), with cancellation by
+barge-in or the client, and the response's ``usage`` (:mod:`.usage`).
 
 :class:`_ResponseMixin` is the response half of the per-connection handler
 :class:`~voicebridge.sim.fake_openai.connection._Conn`, which inherits it: it works on the
@@ -16,7 +17,7 @@ import logging
 import math
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -25,12 +26,20 @@ from websockets.exceptions import ConnectionClosed
 
 from voicebridge.sim.fake_openai.records import (
     DEFAULT_REPLIES,
+    FakeClientResponse,
     FakeOpenAIConfig,
     FakeResponse,
     FakeSession,
     _Item,
     _new_id,
 )
+from voicebridge.sim.fake_openai.tools import (
+    FUNCTION_CALL_MARKER,
+    ScriptedCall,
+    _ToolMixin,
+    parse_reply,
+)
+from voicebridge.sim.fake_openai.usage import input_usage, item_tokens, response_usage
 from voicebridge.sim.fake_openai.validate import (
     _RESPONSE_KEYS,
     _check_common,
@@ -45,7 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("voicebridge.sim.fake_openai")
 
-FUNCTION_CALL_MARKER = "@@"
+__all__ = ["FUNCTION_CALL_MARKER"]
 _json_encode = msgspec.json.Encoder().encode
 
 
@@ -68,6 +77,7 @@ class _Run:
     cancel_reason: str | None = None
     inflight_left: int = 0
     fail_code: str | None = None  # ``fail_responses`` knob: this response fails with this code
+    calls: list[ScriptedCall] = field(default_factory=list)  # scripted tool calls, in order
 
     def cancel(self, reason: str, inflight: int) -> None:
         """Ask the response to stop after at most ``inflight`` more deltas (idempotent)."""
@@ -80,7 +90,7 @@ class _Run:
             _resolve(self.wake)
 
 
-class _ResponseMixin:
+class _ResponseMixin(_ToolMixin):
     """Response handling of one connection; mixed into ``_Conn``, which owns the state below."""
 
     server: FakeRealtimeServer
@@ -101,6 +111,9 @@ class _ResponseMixin:
     tokens_remaining: int
     bad_delta: str | None
     fails_left: list[str]
+    greeted: bool
+    prev_input_tokens: int
+    items: dict[str, _Item]
 
     if TYPE_CHECKING:  # provided by _Conn
 
@@ -123,13 +136,17 @@ class _ResponseMixin:
                 elif key == "conversation" and val not in ("auto", "none"):
                     raise _invalid_value("response.conversation", val, ("auto", "none"))
             instructions = params.get("instructions")
+        req = self._client_response(instructions)
         if self.active is not None:
+            req.rejected = "conversation_already_has_active_response"
+            self._violation(f"response.create while response {self.active.rec.id} is active")
             raise _ClientError(
                 "conversation_already_has_active_response",
                 f"Conversation already has an active response in progress: {self.active.rec.id}. "
                 "Wait until the response is finished before creating a new one.",
             )
-        self._start_response("response.create", instructions, params)
+        self.items_since_response = []
+        self._start_response("response.create", instructions, params, req)
 
     async def _on_response_cancel(self, event: dict[str, Any], event_id: str | None) -> None:
         run = self.active
@@ -143,7 +160,8 @@ class _ResponseMixin:
     def _plan(self, trigger: str) -> tuple[str, int]:
         """Text and audio ms of the next scripted answer."""
         cfg = self.cfg
-        if trigger == "response.create" and self.user_turns == 0:
+        if trigger == "response.create" and self.user_turns == 0 and not self.greeted:
+            self.greeted = True
             return cfg.greeting_text, cfg.greeting_ms
         replies = cfg.replies or DEFAULT_REPLIES
         i = self.reply_index % len(replies)
@@ -157,19 +175,16 @@ class _ResponseMixin:
         return text, ms
 
     def _start_response(
-        self, trigger: str, instructions: str | None, params: dict[str, Any] | None = None
+        self, trigger: str, instructions: str | None, params: dict[str, Any] | None = None,
+        req: FakeClientResponse | None = None,
     ) -> None:
         fail = self.fails_left.pop(0) if self.fails_left else None
-        reply_index = self.reply_index
+        reply_index, greeted = self.reply_index, self.greeted
         text, ms = self._plan(trigger)
-        if fail is not None:
-            self.reply_index = reply_index  # a failed response does not use up its reply
-        spoken, call = text, None
-        if FUNCTION_CALL_MARKER in text:
-            spoken, _, call_text = text.partition(FUNCTION_CALL_MARKER)
-            spoken = spoken.strip()
-            name, _, args = call_text.strip().partition(" ")
-            call = (name, args.strip() or "{}")
+        if fail is not None:  # a failed response does not use up its reply
+            self.reply_index, self.greeted = reply_index, greeted
+        spoken, calls = parse_reply(text)
+        scripted = [(c.label, c.arguments) for c in calls]
         rec = FakeResponse(
             id=_new_id("resp_"),
             item_id=_new_id("item_") if spoken else None,
@@ -178,11 +193,16 @@ class _ResponseMixin:
             planned_audio_ms=ms if spoken else 0,
             scheduled_at=time.monotonic(),
             instructions=instructions,
-            function_call=call,
+            function_call=scripted[0] if scripted else None,
+            calls=scripted,
+            client_request=req,
         )
+        if req is not None:
+            req.response_id = rec.id
         if self.record:
             self.rec.responses.append(rec)
         run = _Run(rec, fail_code=fail)
+        run.calls = calls
         self.active = run
         run.task = self.loop.create_task(self._run_response(run, params or {}))
 
@@ -241,6 +261,9 @@ class _ResponseMixin:
         text_only = modalities == ["text"]
         await self._pause(run, cfg.think_ms / 1000.0)
         rec.created_at = time.monotonic()
+        tools = params["tools"] if "tools" in params else self.session.get("tools") or []
+        # the conversation as it stands at response.created is this response's input
+        counts = self._context_tokens()
         await self.send("response.created",
                         response=self._response_obj(run, "in_progress", [], modalities, params))
         self.requests_remaining -= 1
@@ -264,39 +287,65 @@ class _ResponseMixin:
                 self.active = None
             await self.send("response.done", response=response)
             return
+        usage_in = self._input_usage(params.get("instructions"), tools, counts)
         output: list[dict[str, Any]] = []
         if rec.item_id is not None and run.cancel_reason is None:
             output.append(await self._stream_message(run, text_only))
-        if rec.function_call is not None and run.cancel_reason is None:
-            output.append(await self._emit_function_call(run, len(output)))
+        later: list[tuple[Any, _Item, str | None]] = []  # MCP calls ending after response.done
+        call_texts: list[str] = []
+        for call in run.calls:
+            if run.cancel_reason is not None:
+                break
+            call_texts.append(call.name + call.arguments)
+            if call.server_label is None:
+                output.append(await self._emit_function_call(run, call, len(output), tools))
+                continue
+            item, made, entry, previous = await self._emit_mcp_call(run, call, len(output), tools)
+            if cfg.mcp_call_ms > 0:
+                output.append(item)
+                later.append((made, entry, previous))
+            else:
+                await self._finish_mcp_call(made, entry, previous)
+                output.append(entry.item)
         status = "cancelled" if run.cancel_reason is not None else "completed"
         rec.status = status
         rec.reason = run.cancel_reason
         rec.done_at = time.monotonic()
         response = self._response_obj(run, status, output, modalities, params)
-        words = len(rec.transcript_sent.split())
-        audio_tokens = rec.audio_ms_sent // 50
-        response["usage"] = {
-            "total_tokens": 120 + 40 * self.user_turns + words + audio_tokens,
-            "input_tokens": 120 + 40 * self.user_turns,
-            "output_tokens": words + audio_tokens,
-            "input_token_details": {"text_tokens": 120, "audio_tokens": 40 * self.user_turns,
-                                    "image_tokens": 0, "cached_tokens": 0},
-            "output_token_details": {"text_tokens": words, "audio_tokens": audio_tokens},
-        }
+        response["usage"] = rec.usage = response_usage(
+            usage_in, rec.transcript_sent, rec.audio_ms_sent, call_texts)
         if self.active is run:
             self.active = None
         await self.send("response.done", response=response)
+        for made, entry, previous in later:
+            self._finish_mcp_later(made, entry, previous)
+
+    def _context_tokens(self) -> list[tuple[int, int]]:
+        """(text, audio) tokens of every item in the conversation now."""
+        return [item_tokens(entry.item, entry.audio_ms, entry.has_audio)
+                for entry in self.items.values()]
+
+    def _input_usage(self, instructions: str | None, tools: Any,
+                     counts: list[tuple[int, int]]) -> dict[str, Any]:
+        """The input half of a response's usage (see :mod:`.usage`)."""
+        if not isinstance(instructions, str):
+            value = self.session.get("instructions")
+            instructions = value if isinstance(value, str) else ""
+        usage = input_usage(instructions, tools if isinstance(tools, list) else [], counts,
+                            self.prev_input_tokens)
+        self.prev_input_tokens = usage["input_tokens"]
+        return usage
 
     async def _stream_message(self, run: _Run, text_only: bool) -> dict[str, Any]:
         """Assistant message item with audio (or text) deltas; returns the final item."""
         cfg, rec = self.cfg, run.rec
         item_id = rec.item_id
         assert item_id is not None
-        ids = {"response_id": rec.id, "item_id": item_id, "output_index": 0, "content_index": 0}
-        item = {"id": item_id, "object": "realtime.item", "type": "message",
+        ids: dict[str, Any] = {"response_id": rec.id, "item_id": item_id, "output_index": 0, "content_index": 0}
+        item: dict[str, Any] = {"id": item_id, "object": "realtime.item", "type": "message",
                 "status": "in_progress", "role": "assistant", "content": []}
-        entry = _Item("assistant", item, response=None if text_only else rec)
+        entry = _Item("assistant", item, response=None if text_only else rec,
+                      has_audio=not text_only)
         previous = self.last_item_id
         self._remember(item_id, entry)
         await self.send("response.output_item.added", response_id=rec.id, output_index=0, item=item)
@@ -372,30 +421,5 @@ class _ResponseMixin:
         final["content"] = content
         entry.item = final
         await self.send("response.output_item.done", response_id=rec.id, output_index=0, item=final)
-        await self.send("conversation.item.done", previous_item_id=previous, item=final)
-        return final
-
-    async def _emit_function_call(self, run: _Run, output_index: int) -> dict[str, Any]:
-        """[fake] A scripted function_call output item (see ``FakeOpenAIConfig`` docstring)."""
-        rec = run.rec
-        assert rec.function_call is not None
-        name, args = rec.function_call
-        item_id, call_id = _new_id("item_"), _new_id("call_")
-        item = {"id": item_id, "object": "realtime.item", "type": "function_call",
-                "status": "in_progress", "name": name, "call_id": call_id, "arguments": ""}
-        previous = self.last_item_id
-        entry = _Item("assistant", item)
-        self._remember(item_id, entry)
-        await self.send("response.output_item.added", response_id=rec.id,
-                        output_index=output_index, item=item)
-        await self.send("conversation.item.added", previous_item_id=previous, item=item)
-        ids = {"response_id": rec.id, "item_id": item_id, "output_index": output_index,
-               "call_id": call_id}
-        await self.send("response.function_call_arguments.delta", **ids, delta=args)
-        await self.send("response.function_call_arguments.done", **ids, name=name, arguments=args)
-        final = dict(item, status="completed", arguments=args)
-        entry.item = final
-        await self.send("response.output_item.done", response_id=rec.id,
-                        output_index=output_index, item=final)
         await self.send("conversation.item.done", previous_item_id=previous, item=final)
         return final

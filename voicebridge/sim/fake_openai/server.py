@@ -21,6 +21,8 @@ Contracts
 * The config object is read live: a test may change e.g. ``server.config.close_after_deltas``
   between sessions.
 * All times in records are ``time.monotonic()`` seconds; all audio durations are milliseconds.
+* Tool calls (function and MCP), the checks on the client's answers and the ``usage`` of each
+  ``response.done`` are described in the :class:`FakeOpenAIConfig` docstring.
 
 Choices where the spec is silent are marked ``[fake]`` in comments and docstrings.
 
@@ -57,12 +59,25 @@ from voicebridge.sim.fake_openai.audio import (
     sample_rate,
 )
 from voicebridge.sim.fake_openai.connection import BETA_CLOSE_REASON, CLOSE_TIMEOUT_S, _Conn, _json_encode
-from voicebridge.sim.fake_openai.records import FakeOpenAIConfig, FakeResponse, FakeSession, _new_id
+from voicebridge.sim.fake_openai.records import (
+    FakeClientItem,
+    FakeClientResponse,
+    FakeFunctionCall,
+    FakeMcpCall,
+    FakeOpenAIConfig,
+    FakeResponse,
+    FakeSession,
+    _new_id,
+)
 from voicebridge.sim.fake_openai.validate import apply_session_update, default_session
 
 __all__ = [
     "AZURE_PATH",
     "BETA_CLOSE_REASON",
+    "FakeClientItem",
+    "FakeClientResponse",
+    "FakeFunctionCall",
+    "FakeMcpCall",
     "FakeOpenAIConfig",
     "FakeRealtimeServer",
     "FakeResponse",
@@ -333,6 +348,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="abort the TCP connection (no close frame) after N audio deltas")
     p.add_argument("--record", action="store_true",
                    help="keep per-event records in memory (off by default for long runs)")
+    p.add_argument("--greeting", default=None, metavar="TEXT",
+                   help="greeting text (may end with tool calls, e.g. '@@end_call {}')")
+    p.add_argument("--reply", dest="replies", action="append", metavar="TEXT",
+                   help="scripted reply, repeatable, used in turn order; tool calls as "
+                   "'Goodbye! @@end_call {\"reason\": \"done\"}' or '@@mcp:LABEL:TOOL {}'")
+    p.add_argument("--mcp-call-ms", type=float, default=100.0,
+                   help="run time of a scripted MCP call (default %(default)s; 0: done before response.done)")
     return p.parse_args(argv)
 
 
@@ -352,9 +374,8 @@ async def _serve_until_stopped(cfg: FakeOpenAIConfig) -> None:
         print("stopping", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: serve until SIGINT/SIGTERM. Returns the process exit status."""
-    args = _parse_args(argv)
+def config_from_args(args: argparse.Namespace) -> FakeOpenAIConfig:
+    """The :class:`FakeOpenAIConfig` the CLI's parsed arguments describe."""
     cfg = FakeOpenAIConfig(
         host=args.host,
         port=args.port,
@@ -370,7 +391,18 @@ def main(argv: list[str] | None = None) -> int:
         drop_code=args.drop_code,
         close_after_deltas=args.close_after_deltas,
         record=args.record,
+        mcp_call_ms=args.mcp_call_ms,
     )
+    if args.greeting is not None:
+        cfg.greeting_text = args.greeting
+    if args.replies:
+        cfg.replies = list(args.replies)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: serve until SIGINT/SIGTERM. Returns the process exit status."""
+    cfg = config_from_args(_parse_args(argv))
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
     log.setLevel(logging.INFO)
     logging.getLogger(f"{log.name}.websockets").setLevel(logging.WARNING)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 from typing import Any
 
@@ -292,18 +293,66 @@ def _apply_audio(audio: dict[str, Any], upd: Any, path: str) -> None:
             cur["speed"] = speed
 
 
+_FUNCTION_TOOL_KEYS = frozenset({"type", "name", "description", "parameters"})
+_MCP_TOOL_KEYS = frozenset(
+    {
+        "type", "server_label", "server_url", "connector_id", "authorization", "headers",
+        "allowed_tools", "require_approval", "server_description", "allowed_callers",
+        "defer_loading", "tunnel_id",
+    }
+)
+_FUNCTION_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
 def _check_tools(tools: Any, path: str) -> None:
+    """``tools``: function tools (name ``^[a-zA-Z0-9_-]{1,64}$``, unique; ``description`` a
+    string; ``parameters`` an object) and MCP tools (``server_label`` and one of
+    ``server_url``/``connector_id``; labels unique). Keys as in the GA SDK types."""
     _expect(tools, isinstance(tools, list), path, "an array")
+    names: set[str] = set()
+    labels: set[str] = set()
     for i, tool in enumerate(tools):
         p = f"{path}[{i}]"
         _expect(tool, isinstance(tool, dict), p, "an object")
         kind = tool.get("type", "function")
         if kind == "function":
-            _check_keys(tool, frozenset({"type", "name", "description", "parameters"}), p)
+            _check_keys(tool, _FUNCTION_TOOL_KEYS, p)
             if "name" not in tool:
                 raise _missing(f"{p}.name")
-            _expect(tool["name"], isinstance(tool["name"], str), f"{p}.name", "a string")
-        elif kind != "mcp":
+            name = tool["name"]
+            _expect(name, isinstance(name, str), f"{p}.name", "a string")
+            if not _FUNCTION_NAME_RE.match(name):
+                raise _ClientError(
+                    "invalid_value",
+                    f"Invalid '{p}.name': string does not match pattern. Expected a string that "
+                    "matches the pattern '^[a-zA-Z0-9_-]+$' (at most 64 characters).",
+                    f"{p}.name",
+                )
+            if name in names:  # [fake] the live API's answer to duplicates is undocumented
+                raise _ClientError("invalid_value", f"Duplicate function name '{name}' in {path}.",
+                                   f"{p}.name")
+            names.add(name)
+            if "description" in tool:
+                _expect(tool["description"], isinstance(tool["description"], str),
+                        f"{p}.description", "a string")
+            if "parameters" in tool:
+                _expect(tool["parameters"], isinstance(tool["parameters"], dict),
+                        f"{p}.parameters", "an object")
+        elif kind == "mcp":
+            _check_keys(tool, _MCP_TOOL_KEYS, p)
+            if "server_label" not in tool:
+                raise _missing(f"{p}.server_label")
+            label = tool["server_label"]
+            _expect(label, isinstance(label, str), f"{p}.server_label", "a string")
+            if "server_url" not in tool and "connector_id" not in tool:
+                raise _ClientError("missing_required_parameter",
+                                   f"Missing required parameter: '{p}.server_url' (or "
+                                   f"'{p}.connector_id').", f"{p}.server_url")
+            if label in labels:  # [fake]
+                raise _ClientError("invalid_value", f"Duplicate MCP server_label '{label}'.",
+                                   f"{p}.server_label")
+            labels.add(label)
+        else:
             raise _invalid_value(f"{p}.type", kind, ("function", "mcp"))
 
 
