@@ -43,23 +43,33 @@ def _median(rows: list[dict], key: str) -> float | None:
     return round(statistics.median(vals), 3) if vals else None
 
 
+def _transport_of(base: Path, default: str) -> tuple[Path, str]:
+    """`DIR@NAME` -> (DIR, NAME); a plain DIR keeps `default`."""
+    head, sep, name = str(base).rpartition("@")
+    if sep and name and "/" not in name:
+        return Path(head).resolve(), name
+    return base, default
+
+
 def run_ab(opts: orch.Opts, bases: list[Path], levels: list[int], rounds: int,
            say: Callable[[str], None]) -> dict[str, Any]:
-    """`bases` are the older checkouts (A, B, ...); this tree is the last variant."""
-    variants = [(chr(ord("A") + i), d) for i, d in enumerate(bases)]
-    variants.append((chr(ord("A") + len(bases)), orch.REPO))
-    out: dict[str, Any] = {"variants": {n: str(d) for n, d in variants}, "rounds": rounds,
-                           "levels": {}}
+    """`bases` are the older checkouts (A, B, ...); this tree is the last variant. A base
+    written `DIR@NAME` runs its bridge with `server.transport = NAME` (e.g. `.@fast` against
+    this tree with `--transport picows`); the others, and this tree, with `opts.transport`."""
+    variants = [(chr(ord("A") + i), *_transport_of(d, opts.transport)) for i, d in enumerate(bases)]
+    variants.append((chr(ord("A") + len(bases)), orch.REPO, opts.transport))
+    out: dict[str, Any] = {"variants": {n: f"{d} (transport {t})" for n, d, t in variants},
+                           "rounds": rounds, "levels": {}}
     keys = ("bridge_cpu_pct", "cpu_pct_per_call", "added_up_p50_us", "added_up_p99_us",
             "added_down_p50_us", "added_down_p99_us", "rss_per_call_kib")
     for calls in levels:
         d = orch.run_level(replace(opts, window_s=min(opts.window_s, 5.0)), "direct", calls)
         say(f"  direct {calls} calls: up p50/p99 {d.get('up_us', {}).get('p50')}/"
             f"{d.get('up_us', {}).get('p99')} µs")
-        rows: dict[str, list[dict]] = {n: [] for n, _ in variants}
+        rows: dict[str, list[dict]] = {n: [] for n, _, _ in variants}
         for i in range(rounds):
-            for name, src in variants:
-                r = orch.run_level(replace(opts, bridge_dir=src), "bridge", calls)
+            for name, src, tr in variants:
+                r = orch.run_level(replace(opts, bridge_dir=src, transport=tr), "bridge", calls)
                 row = _row(r, d, calls)
                 rows[name].append(row)
                 say(f"  round {i + 1} {name} {calls} calls: CPU {row['bridge_cpu_pct']} %, "

@@ -19,8 +19,8 @@ from voicebridge.sim.fake_openai import FakeOpenAIConfig, FakeRealtimeServer
 from voicebridge.transport import TRANSPORTS
 
 API_KEY = "sk-test-not-a-real-key"
-# which socket layer the bridge under test uses (server.transport); e2e modules run both
-TRANSPORT: contextvars.ContextVar[str] = contextvars.ContextVar("transport", default="fast")
+# which socket layer the bridge under test uses (server.transport); e2e modules run each
+TRANSPORT: contextvars.ContextVar[str] = contextvars.ContextVar("transport", default="picows")
 TOKEN = "vaic-test-token"
 
 
@@ -125,8 +125,8 @@ def assert_events_valid(fake: FakeRealtimeServer) -> int:
 
 @pytest.fixture(params=list(TRANSPORTS))
 def both_transports(request):
-    """Run a test once per registered socket layer (today: the lean Sans-I/O one, "fast", and
-    websockets' asyncio one)."""
+    """Run a test once per registered socket layer (today: the lean Sans-I/O one, "fast",
+    websockets' asyncio one, and picows' Cython codec, "picows")."""
     token = TRANSPORT.set(request.param)
     yield request.param
     TRANSPORT.reset(token)

@@ -1,6 +1,6 @@
 """Live fuzzing (issue 7, item 8): >= 100 000 generated or mutated frames through the RUNNING
 daemon over real sockets on 127.0.0.1, while one clean call runs beside them. Once per transport
-(`server.transport` fast and websockets), about 12 s each.
+(`server.transport` fast, websockets and picows), about 12 s each.
 
 What it sends, over a few hundred raw websocket connections, 40 at a time (each begins with the
 HTTP upgrade, `tests/rawws.py`; frames are built here so that RSV bits, unmasked frames and lying
@@ -82,8 +82,8 @@ JUSTIFIED_ERRORS: dict[str, str] = {}
 
 FORMATS = ["raw/lpcm16_24", "raw/mulaw", "raw/lpcm16", "raw/lpcm16_8",
            "wav/lpcm16_24", "wav/mulaw", "wav/lpcm16", "wav/lpcm16_8"]
-PREFERENCE = ["raw/lpcm16_24", "raw/mulaw", "wav/lpcm16_24", "wav/mulaw",
-              "raw/lpcm16", "wav/lpcm16", "raw/lpcm16_8", "wav/lpcm16_8"]   # audio.format_preference
+PREFERENCE = ["raw/lpcm16_24", "raw/mulaw", "raw/lpcm16", "raw/lpcm16_8",
+              "wav/lpcm16_24", "wav/mulaw", "wav/lpcm16", "wav/lpcm16_8"]   # audio.format_preference
 BYTES_PER_MS = {"lpcm16_24": 48, "mulaw": 8, "lpcm16": 32, "lpcm16_8": 16}
 KNOWN_TYPES = ["session.initiate", "session.resume", "session.end", "userStream.start",
                "userStream.chunk", "userStream.stop", "activities", "connection.validate"]
@@ -1129,7 +1129,7 @@ def _daemon_env(transport: str) -> dict[str, str]:
     return {f"VOICEBRIDGE_{s.upper()}_{k.upper()}": v for (s, k), v in wanted.items() if config_has(s, k)}
 
 
-@pytest.mark.parametrize("transport", ["fast", "websockets"])
+@pytest.mark.parametrize("transport", ["fast", "websockets", "picows"])
 async def test_live_fuzz(tmp_path, transport):
     """>= FRAMES_TARGET fuzz frames through the running daemon (server.transport = `transport`)
     beside one clean call; every check is made and all failures reported together."""

@@ -21,18 +21,18 @@ def test_every_registered_name_is_valid_config_and_nothing_else():
     for name in TRANSPORTS:
         cfg, _ = load_config(None, env=ENV, overrides={"server": {"transport": name}})
         assert cfg.server.transport == name
-    assert set(TRANSPORTS) == {"fast", "websockets"}
-    assert load_config(None, env=ENV)[0].server.transport == "fast"
+    assert set(TRANSPORTS) == {"fast", "websockets", "picows"}
+    assert load_config(None, env=ENV)[0].server.transport == "picows"
 
 
 def test_unknown_transport_is_a_config_error_naming_the_key():
     with pytest.raises(ConfigError) as e:
-        load_config(None, env={**ENV, "VOICEBRIDGE_SERVER_TRANSPORT": "picows"})
+        load_config(None, env={**ENV, "VOICEBRIDGE_SERVER_TRANSPORT": "pigeon"})
     msg = str(e.value)
-    assert msg.startswith("server.transport:") and "'picows'" in msg
+    assert msg.startswith("server.transport:") and "'pigeon'" in msg
     assert all(name in msg for name in TRANSPORTS)
-    with pytest.raises(ValueError, match="unknown transport 'picows'"):
-        transport.get("picows")
+    with pytest.raises(ValueError, match="unknown transport 'pigeon'"):
+        transport.get("pigeon")
 
 
 @pytest.mark.parametrize("name", sorted(TRANSPORTS))

@@ -20,6 +20,7 @@ from .base import (CAUSES, MAX_QUEUED_MESSAGES, MAX_REQUEST_HEAD_BYTES, Conn, Co
 TRANSPORTS: dict[str, str] = {
     "fast": "voicebridge.transport.fast_impl",
     "websockets": "voicebridge.transport.websockets_impl",
+    "picows": "voicebridge.transport.picows_impl",
 }
 
 

@@ -22,6 +22,8 @@ touches only its module and the table. The module provides:
     endpoint (1000).
   - `on_refused(reason)` (optional) is told of connections dropped by a listener bound, today
     `"max_pending_handshakes"`.
+  - `opts.reuse_port`: bind with `SO_REUSEPORT`, so worker processes (`server.workers`, see
+    `supervisor.py`) each listen on the same address and the kernel spreads new connections.
   - the bounds of `ListenOptions` hold: at most `max_pending` connections in their opening
     handshake (past it the *oldest* is dropped, so a slowloris holding the slots cannot lock out
     a real client), each given `handshake_timeout_s`; one request head per connection, at most
@@ -239,6 +241,7 @@ class ListenOptions(NamedTuple):
     backlog: int
     limits: Limits
     server_header: str                  # the `Server` header of every answer
+    reuse_port: bool = False            # SO_REUSEPORT: several processes (server.workers) share the port
 
 
 ProcessRequest = Callable[[HttpRequest], "HttpResponse | None"]

@@ -15,6 +15,11 @@ listener: at most `max_pending` connections in their opening handshake, each giv
 a slowloris holding the slots cannot lock out a real client (whose request follows its connect
 at once); one request per connection. `listen` adapts `FastServer`'s hooks (websockets'
 `Request`/`Response`) to `HttpRequest`/`HttpResponse`.
+
+From `_shared` (the same in the `picows` transport, none of it per frame): `FastServer`'s
+listener half (pending cap, the answer to the upgrade request, handler tasks, close/abort_all/
+wait_closed), the adaptation of `listen`'s hooks and the endpoint's send and close timers
+(`EndpointTimers`). The per-frame path is all here.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from ._websockets_http import answer
 from ._masks import install as _install_masks
+from ._shared import EndpointTimers, RawProcessRequest, RawProcessResponse, SansIoServer, hooks
 from .base import (MAX_PINGS_PER_S, MAX_QUEUED_MESSAGES, READ_SLICE_BYTES, ConnectFailed,
                    EndpointClosed, Handler, Limits, ListenOptions, OnRefused, ProcessRequest,
                    ProcessResponse, RequestHead, closed_error, retry_after_s)
@@ -41,6 +46,9 @@ from .base import (MAX_PINGS_PER_S, MAX_QUEUED_MESSAGES, READ_SLICE_BYTES, Conne
 _install_masks()   # client frame masks from a pooled CSPRNG read (see _masks)
 
 _TEXT, _BINARY, _CONT, _PING, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PING, Opcode.PONG
+# and `_OPEN` rather than `State.OPEN` per frame: on CPython 3.11 an enum class attribute read
+# goes through EnumType.__getattr__'s slot wrapper, unspecialized (~0.1 µs, ~850 instructions)
+_OPEN, _CLOSED = State.OPEN, State.CLOSED
 _tls: ssl_mod.SSLContext | None = None
 
 
@@ -52,8 +60,21 @@ def _tls_context() -> ssl_mod.SSLContext:
     return _tls
 
 
-class FastEndpoint(asyncio.Protocol):
-    """One websocket connection (either side) as an `Endpoint`."""
+class FastEndpoint(EndpointTimers, asyncio.Protocol):
+    """One websocket connection (either side) as an `Endpoint`. `pause_writing`,
+    `resume_writing`, `_abort_for`, `_expect_close` and the end of `close()` are
+    `_shared.EndpointTimers`'."""
+
+    # Slots, not an instance dict: CPython 3.11 keeps instance attributes in its compact
+    # key-shared layout only below 30 of them. Past that (31 here) no method lookup on an
+    # endpoint (`ep.recv()`, `self._flush()`, ...) is specialized: ~200 instructions more each,
+    # ~1 % of the bridge's CPU. tests/test_fast_slots.py checks it; list a new attribute here.
+    __slots__ = ("proto", "limits", "_handshake_timeout_s", "_queued_bytes", "_backlog",
+                 "_transport_paused", "_pings", "_pings_since", "_cause", "_send_timer",
+                 "transport", "_loop", "_queue", "_reading_paused", "_waiter", "_fragments",
+                 "_paused", "_lost", "_lost_fut", "_close_timeout_s", "_ping_interval_s",
+                 "_ping_handle", "_awaiting_pong", "_close_handle", "_open_handle", "on_request",
+                 "refused", "_head", "_eof_sent", "handshake", "request")
 
     def __init__(self, proto: ServerProtocol | ClientProtocol, *, close_timeout_s: float,
                  ping_interval_s: float | None, limits: Limits = Limits(),
@@ -118,6 +139,9 @@ class FastEndpoint(asyncio.Protocol):
         if self._backlog:            # still working through an earlier read: keep the order
             self._backlog += data
             self._sync_reading()
+            return
+        if len(data) <= READ_SLICE_BYTES:   # the usual read: parsed at once, nothing held back
+            self._parse(data)    # (`_deliver` and `recv` keep the socket's reading in step)
             return
         self._feed(data)
 
@@ -197,7 +221,7 @@ class FastEndpoint(asyncio.Protocol):
                 if self.handshake is not None and not self.handshake.done():
                     self.handshake.set_result(ev)
         self._flush()
-        if proto.state is State.CLOSED or proto.close_expected():
+        if proto.state is _CLOSED or proto.close_expected():
             self._expect_close()
             self._wake()
 
@@ -219,25 +243,6 @@ class FastEndpoint(asyncio.Protocol):
             self._lost_fut.set_result(None)
         if self.handshake is not None and not self.handshake.done():
             self.handshake.set_exception(ConnectionError("connection lost during handshake"))
-        self._wake()
-
-    def pause_writing(self) -> None:
-        """The peer does not read fast enough: it has `send_timeout_s` to catch up."""
-        self._paused = True
-        if self._send_timer is None:
-            self._send_timer = self._loop.call_later(self.limits.send_timeout_s,
-                                                     self._abort_for, "send_timeout")
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
-
-    def _abort_for(self, cause: str) -> None:
-        if self._cause is None:
-            self._cause = cause
-        self.abort()
         self._wake()
 
     # ------------------------------------------------------------------ internals
@@ -277,16 +282,12 @@ class FastEndpoint(asyncio.Protocol):
         if self._paused and transport.get_write_buffer_size() > self.limits.send_buffer_bytes:
             self._abort_for("send_buffer_full")  # e.g. pongs to a peer that never reads
 
-    def _expect_close(self) -> None:
-        if self._close_handle is None and not self._lost:
-            self._close_handle = self._loop.call_later(self._close_timeout_s, self.abort)
-
     def _closed_error(self) -> EndpointClosed:
         p = self.proto  # close_rcvd is known as soon as the peer's close frame arrived
         return closed_error(p.close_sent, p.close_rcvd, p.close_rcvd_then_sent, self._cause)
 
     def _ping_tick(self) -> None:
-        if self._lost or self.proto.state is not State.OPEN:
+        if self._lost or self.proto.state is not _OPEN:
             return
         if self._awaiting_pong:
             self.proto.fail(1011, "keepalive ping timeout")
@@ -312,7 +313,7 @@ class FastEndpoint(asyncio.Protocol):
                     else:
                         self._sync_reading()
                 return data
-            if self._lost or self.proto.state is not State.OPEN:
+            if self._lost or self.proto.state is not _OPEN:
                 raise self._closed_error()
             fut = self._loop.create_future()
             self._waiter = fut
@@ -324,7 +325,7 @@ class FastEndpoint(asyncio.Protocol):
     def send_nowait(self, frame: str) -> None:
         """Never waits: see `base.Limits` for what bounds a peer that does not read."""
         proto = self.proto
-        if proto.state is not State.OPEN or self._lost:
+        if proto.state is not _OPEN or self._lost:
             raise self._closed_error()
         proto.send_text(frame.encode())
         self._flush()
@@ -334,14 +335,10 @@ class FastEndpoint(asyncio.Protocol):
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self._lost:
             return
-        if self.proto.state is State.OPEN:
+        if self.proto.state is _OPEN:
             self.proto.send_close(code, reason)
             self._flush()
-        self._expect_close()  # aborts after close_timeout_s even if this coroutine is cancelled
-        try:
-            await asyncio.wait_for(asyncio.shield(self._lost_fut), self._close_timeout_s)
-        except (asyncio.TimeoutError, TimeoutError):
-            self.abort()
+        await self._await_close()   # aborts after close_timeout_s, even if this is cancelled
 
     def abort(self) -> None:
         if self.transport is not None and not self._lost:
@@ -349,7 +346,7 @@ class FastEndpoint(asyncio.Protocol):
 
     @property
     def close_code(self) -> int | None:
-        if not self._lost and self.proto.state is State.OPEN:
+        if not self._lost and self.proto.state is _OPEN:
             return None
         return self.proto.close_code if self.proto.close_code is not None else 1006
 
@@ -366,139 +363,58 @@ class FastEndpoint(asyncio.Protocol):
         return self.transport.get_extra_info(name) if self.transport else None
 
 
-# FastServer's own hooks, in websockets' types (`listen` adapts them to `base`'s)
-RawProcessRequest = Callable[[Any, Request], Response | None]
-RawHandler = Callable[[FastEndpoint], Awaitable[None]]
+class FastServer(SansIoServer[FastEndpoint]):
+    """Listener: HTTP upgrade handled by `process_request` first (health, auth), then `handler`.
+    Its hooks are in websockets' types (`listen` adapts `base`'s); the rest of the listener is
+    `_shared.SansIoServer`."""
 
-
-class FastServer:
-    """Listener: HTTP upgrade handled by `process_request` first (health, auth), then `handler`."""
-
-    def __init__(self, handler: RawHandler, process_request: RawProcessRequest, *, max_size: int,
+    def __init__(self, handler: Callable[[FastEndpoint], Awaitable[None]],
+                 process_request: RawProcessRequest, *, max_size: int,
                  close_timeout_s: float, ping_interval_s: float | None, server_header: str,
                  limits: Limits = Limits(), handshake_timeout_s: float = 10.0,
-                 max_pending: int = 1 << 30, backlog: int = 100,
+                 max_pending: int = 1 << 30, backlog: int = 100, reuse_port: bool = False,
                  on_refused: Callable[[str], None] | None = None,
-                 process_response: Callable[[Any, Request, Response], None] | None = None) -> None:
-        self._handler = handler
-        self._process_response = process_response
+                 process_response: RawProcessResponse | None = None) -> None:
+        super().__init__(handler, process_request, server_header=server_header,
+                         max_pending=max_pending, backlog=backlog, reuse_port=reuse_port,
+                         on_refused=on_refused, process_response=process_response)
         self._limits = limits
         self._handshake_timeout_s = handshake_timeout_s
-        self._max_pending = max_pending
-        self._backlog = backlog
-        self._on_refused = on_refused
-        self._pending: dict[FastEndpoint, None] = {}   # accepted, not yet answered, oldest first
-        self._process_request = process_request
         self._max_size = max_size
         self._close_timeout_s = close_timeout_s
         self._ping_interval_s = ping_interval_s
-        self._server_header = server_header
-        self._server: asyncio.base_events.Server | None = None
-        self._conns: set[FastEndpoint] = set()      # upgraded connections
-        self._all: set[FastEndpoint] = set()        # every accepted TCP connection
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def _make(self) -> FastEndpoint:
         ep = FastEndpoint(ServerProtocol(max_size=self._max_size),
                           close_timeout_s=self._close_timeout_s, ping_interval_s=self._ping_interval_s,
                           limits=self._limits, handshake_timeout_s=self._handshake_timeout_s)
-        if len(self._pending) >= self._max_pending:
-            oldest = next(iter(self._pending))
-            del self._pending[oldest]
-            oldest.abort()
-            if self._on_refused is not None:
-                self._on_refused("max_pending_handshakes")
         ep.on_request = self._on_request
-        self._all.add(ep)
-        self._pending[ep] = None
-
-        def gone(_: Any) -> None:
-            self._all.discard(ep)
-            self._pending.pop(ep, None)
-        ep._lost_fut.add_done_callback(gone)
+        self._admit(ep, ep)
         return ep
 
     def _on_request(self, ep: FastEndpoint, request: Request) -> None:
-        self._pending.pop(ep, None)
         proto: ServerProtocol = ep.proto  # type: ignore[assignment]
-        try:
-            response = self._process_request(ep, request)
-        except Exception:  # a bug in process_request must not kill the listener
-            response = proto.reject(500, "internal error\n")
-        if response is None:
-            response = proto.accept(request)
-        if self._server_header:
-            response.headers["Server"] = self._server_header
-        if self._process_response is not None:
-            self._process_response(ep, request, response)
+        response = self._answer(ep, proto, ep, request)
         proto.send_response(response)
         ep._flush()
         if response.status_code != 101:
             ep._expect_close()
             return
-        self._conns.add(ep)
         ep.opened()
-        task = asyncio.get_running_loop().create_task(self._run(ep))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run(self, ep: FastEndpoint) -> None:
-        try:
-            await self._handler(ep)
-        finally:
-            self._conns.discard(ep)
-            await ep.close(1000, "")
-
-    async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.get_running_loop().create_server(
-            self._make, host, port, backlog=self._backlog)
-
-    @property
-    def sockets(self) -> Any:
-        assert self._server is not None
-        return self._server.sockets
-
-    def close(self, close_connections: bool = True) -> None:
-        assert self._server is not None
-        self._server.close()
-        if close_connections:
-            for ep in list(self._all):
-                if ep in self._conns:
-                    asyncio.get_running_loop().create_task(ep.close(1001, "server shutting down"))
-                else:
-                    ep.abort()  # never upgraded (or still in its handshake)
-
-    def abort_all(self) -> None:
-        """Abort every connection at once (forced shutdown)."""
-        for ep in list(self._all):
-            ep.abort()
-
-    async def wait_closed(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
+        self._spawn(ep)
 
 
 async def listen(handler: Handler, process_request: ProcessRequest, host: str, port: int, *,
                  opts: ListenOptions, process_response: ProcessResponse | None = None,
                  on_refused: OnRefused | None = None) -> FastServer:
     """`base`'s `listen` on `FastServer`."""
-    def on_request(ep: FastEndpoint, request: Request) -> Response | None:
-        return answer(process_request, request, ep, ep.remote_address)
-
-    def on_response(ep: FastEndpoint, request: Request, response: Response) -> None:
-        process_response(ep, response.status_code)  # type: ignore[misc]
-
-    async def run(ep: FastEndpoint) -> None:
-        await handler(ep, ep)
-
+    run, on_request, on_response = hooks(handler, process_request, process_response)
     server = FastServer(run, on_request, max_size=opts.max_size,
                         close_timeout_s=opts.close_timeout_s, ping_interval_s=opts.ping_interval_s,
                         server_header=opts.server_header, limits=opts.limits,
                         handshake_timeout_s=opts.handshake_timeout_s, max_pending=opts.max_pending,
-                        backlog=opts.backlog, on_refused=on_refused,
-                        process_response=on_response if process_response is not None else None)
+                        backlog=opts.backlog, reuse_port=opts.reuse_port, on_refused=on_refused,
+                        process_response=on_response)
     await server.start(host, port)
     return server
 

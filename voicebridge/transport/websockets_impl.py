@@ -287,7 +287,7 @@ async def listen(handler: Handler, process_request: ProcessRequest, host: str, p
         ping_interval=opts.ping_interval_s, ping_timeout=opts.ping_interval_s,
         close_timeout=opts.close_timeout_s, open_timeout=opts.handshake_timeout_s,
         max_queue=max(2, limits.recv_queue_bytes // opts.max_size), backlog=opts.backlog,
-        server_header=opts.server_header)
+        reuse_port=opts.reuse_port or None, server_header=opts.server_header)
     return WsListener(server)
 
 
