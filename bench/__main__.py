@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, help="measurement window per level (default 8; --full 30)")
     ap.add_argument("--no-floor", action="store_true", help="skip relay_floor.py")
     ap.add_argument("--no-ramp", action="store_true", help="skip the capacity ramp")
-    ap.add_argument("--transport", default="fast", choices=sorted(TRANSPORTS),
-                    help="the bridge's server.transport (default fast)")
+    ap.add_argument("--transport", default="picows", choices=sorted(TRANSPORTS),
+                    help="the bridge's server.transport (default picows, the daemon's default)")
     ap.add_argument("--profile-calls", type=int, default=300, help="calls during the profiled run (default 300)")
     ap.add_argument("--ab", metavar="DIR[,DIR...]", help="A/B only: the bridge of each older checkout "
                     "(A, B, ...) against this tree (the last letter), alternating, at --levels (default "
@@ -139,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
                     "reading (default: half of --soak-calls, 100 .. 2500)")
     ap.add_argument("--soak-results-dir", type=Path, default=None, help="--soak: where the JSON goes "
                     "(default bench/results)")
+    ap.add_argument("--churn", action="store_true", help="churn only: at --churn-calls streaming calls, "
+                    "--churn-rate new calls per second for --churn-seconds, alternating with steady rounds: "
+                    "does call setup disturb the calls already up? (see bench/churn_run.py)")
+    ap.add_argument("--churn-calls", type=int, default=300, help="--churn: streaming calls (default 300)")
+    ap.add_argument("--churn-rate", type=float, default=50.0, help="--churn: new calls per second (default 50)")
+    ap.add_argument("--churn-seconds", type=float, default=10.0, help="--churn: how long (default 10)")
     a = ap.parse_args(argv)
     if a.soak and (a.soak_calls < 1 or a.soak_concurrency < 1 or (a.soak_warmup or 0) < 0):
         ap.error("--soak-calls and --soak-concurrency must be at least 1, --soak-warmup at least 0")
@@ -172,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         if a.soak_rss_tolerance_kib is not None:
             sopts.rss_tolerance_kib = a.soak_rss_tolerance_kib
         return 0 if soak.run(sopts, say, stamp, m)["pass"] else 1
+
+    if a.churn:
+        from . import churn_run
+        res["churn"] = churn_run.run(opts, a.churn_calls, a.churn_rate, a.churn_seconds, a.rounds, say)
+        say("")
+        say(churn_run.table(res["churn"]))
+        say(f"results: {report.write_json(res, orch.RESULTS, stamp)}")
+        return 0 if res["churn"]["pass"] else 1
 
     if a.ab:
         from . import ab
