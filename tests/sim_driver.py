@@ -248,6 +248,7 @@ class Sock:
     appended_ms: float = 0.0
     updates: int = 0
     seeded: int = 0
+    notes: int = 0                 # call-control items (keypad digits, system notes)
     audio_seen: bool = False
     events: list[str] = field(default_factory=list)      # client event types but appends, in order
     truncates: list[tuple[str, int]] = field(default_factory=list)
@@ -326,6 +327,7 @@ class Sim:
         self.finished_n = 0
         self.close_vaic_n = 0
         self.resumes = 0
+        self.transcripts: list[tuple[str, str]] = []
         self.kept_for_resume = 0
         self.resumed = 0
         self.v_resuming = False
@@ -560,6 +562,10 @@ class Sim:
         elif type(eff).__name__ == "Resume":
             self.resumes += 1              # no other call waits here: the shell refuses it
             self.call(self.sess.resume_refused, self.now)
+        elif type(eff).__name__ == "Transcript":
+            self.transcripts.append((eff.role, eff.text))
+        elif type(eff).__name__ == "RunTool":   # timelines enable no webhook tool
+            self.bad("unexpected_tool_run", repr(eff)[:120])
         else:
             self.bad("unknown_effect", repr(eff)[:120])
 
@@ -1001,7 +1007,14 @@ class Sim:
                 self.call(self.sess.openai_lost, 1006, None, "", self.now)
                 self._after()
             return
-        self.call(self.sess.openai_frame, frame, self.now)
+        sess = self.sess
+        d0 = sess.next_deadline_ns()
+        r = self.call(sess.openai_frame, frame, self.now)
+        if r == S.FORWARDED and not (sess.to_openai or sess.effects or sess.marks):
+            # the shell keeps its armed timer after such a delta (call.Call._pump_down)
+            d1 = sess.next_deadline_ns()
+            if d1 is not None and (d0 is None or d1 < d0):
+                self.bad("forwarded_deadline_earlier", f"next_deadline_ns() {d0} -> {d1}")
         self._after()
 
     def _m_send(self, sk: Sock, t: int, frame: str, resp: Resp | None = None,
@@ -1173,6 +1186,11 @@ class Sim:
         elif typ == "conversation.item.truncate":
             self._m_truncate(sk, m)
         elif typ == "conversation.item.create":
+            item = m.get("item") or {}
+            content = item.get("content") or [{}]
+            if item.get("role") == "system" or str(content[0].get("text", "")).startswith("(keypad)"):
+                sk.notes += 1              # call control (keypad, events): any time, not a re-seed
+                return
             sk.seeded += 1                 # a past turn as text, re-seeding a new session
             if sk.audio_seen or sk.events[0] != "session.update":
                 self.bad("reseed_order", f"socket {sk.n}: {sk.events[:4]} audio_seen={sk.audio_seen}")

@@ -345,10 +345,21 @@ def test_barge_in_disabled_at_vaic_is_detected_once() -> None:
     d.response("r1", audio_ms=2000)
     d.advance(300)
     d.vaic_in({"type": "userStream.stop"})
-    d.vaic_in({"type": "userStream.start"})
+    assert not d.events("call.vaic_barge_in_off")     # maybe the caller hanging up
+    d.vaic_in({"type": "userStream.start"})          # reopened: VAIC's barge-in is off
     d.vaic_in({"type": "userStream.stop"})
+    d.vaic_in({"type": "userStream.start"})
     assert len(d.events("call.vaic_barge_in_off")) == 1
     assert d.stats.vaic_barge_in_off == 1
+
+
+def test_a_caller_hanging_up_while_the_bot_plays_is_not_taken_for_barge_in_off() -> None:
+    d = Drive()
+    d.response("r1", audio_ms=2000)
+    d.advance(300)
+    d.vaic_in({"type": "userStream.stop"})
+    d.vaic_in({"type": "session.end", "reasonCode": "client-disconnected"})
+    assert not d.events("call.vaic_barge_in_off") and d.stats.vaic_barge_in_off == 0
 
 
 # ----------------------------------------------------------------------------- time limit
@@ -508,7 +519,7 @@ def test_the_readme_example_configuration_loads() -> None:
     import re
     from pathlib import Path
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = text[text.index("## Call control"):text.index("## Operations")]
+    section = text[text.index("### Profiles"):text.index("### The agent's call tools")]
     (block,) = re.findall(r"```toml\n(.*?)```", section, re.S)
     import tomllib
     raw = tomllib.loads(block)

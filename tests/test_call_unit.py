@@ -129,7 +129,7 @@ async def test_unexpected_upstream_error_hangs_up_with_a_reason():
     hangups = [m for _, m in vaic.sent if m["type"] == "activities"]
     vaic.feed({"type": "session.end", "conversationId": "c1"})
     await asyncio.wait_for(task, 5)
-    assert hangups and "internal_error" in hangups[0]["activities"][0]["activityParams"]["hangupReason"]
+    assert hangups and "internal-error" in hangups[0]["activities"][0]["activityParams"]["hangupReason"]
     assert call.end_reason == "internal_error"
 
 

@@ -70,3 +70,12 @@ def test_cli_check_reports_bad_config(tmp_path, capsys):
     f.write_text("[server]\nport = -1\n")
     assert main(["--config", str(f)]) == 2
     assert "server.port" in capsys.readouterr().err
+
+
+def test_raw_formats_come_before_wav_by_default_and_in_the_shipped_file():
+    from voicebridge.config import AudioConfig
+    pref = AudioConfig().format_preference
+    assert max(i for i, f in enumerate(pref) if f.startswith("raw/")) < min(
+        i for i, f in enumerate(pref) if f.startswith("wav/"))
+    shipped, _ = load_config(Path(__file__).parent.parent / "config.toml", env={"VOICEBRIDGE_TOKEN": "t"})
+    assert shipped.audio.format_preference == pref

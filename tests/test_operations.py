@@ -76,7 +76,7 @@ async def test_drain_on_sigterm(tmp_path):
             rc = await d.wait_exit(15)
             hang = [a for a in res.received_activities if a.get("name") == "hangup"]
             assert res.end_reason == "bot-hangup" and hang, (res.end_reason, res.received_activities)
-            assert hang[0]["activityParams"]["hangupReason"].startswith("server_shutdown"), hang
+            assert hang[0]["activityParams"]["hangupReason"] == "server-shutdown", hang
             assert all(o.end is not None and o.end["reason"] == "vaic_session_end" for o in outs)
             drained = d.events("server.drained")
             assert drained, "no server.drained"
@@ -92,6 +92,32 @@ async def test_drain_on_sigterm(tmp_path):
             assert rc == 0 and d.events("server.stopped"), rc
             assert await wait_for(lambda: all(s.closed_at is not None for s in fake.sessions), 5)
             assert not d.non_json_lines()
+        finally:
+            await d.stop()
+            d.kill()
+
+
+async def test_a_socket_upgraded_before_the_drain_still_gets_its_call(tmp_path):
+    """The upgrade came before SIGTERM, session.initiate after it: that call was already being
+    set up (VAIC has no reason to retry elsewhere), so it is accepted and drained like the rest;
+    an upgrade after the signal gets 503."""
+    from tests.rawws import text
+    async with running_fake() as fake:
+        d = await start_daemon(fake, tmp_path, name="drain_setup", **{
+            "VOICEBRIDGE_SERVER_DRAIN_TIMEOUT_S": "3", "VOICEBRIDGE_SERVER_SHUTDOWN_TIMEOUT_S": "3"})
+        try:
+            ws = await RawWs.open("127.0.0.1", d.port, d.path, TOKEN, timeout_s=5)
+            assert ws.status == 101, ws.head
+            d.signal(signal.SIGTERM)
+            assert await d.wait_event("server.draining", 3)
+            ws.send(text(json.dumps({"type": "session.initiate", "conversationId": "late-" + uuid.uuid4().hex[:6],
+                                     "expectAudioMessages": True, "caller": "+1555",
+                                     "supportedMediaFormats": ["raw/lpcm16_24"]})))
+            frames = await ws.read_frames(3.0)
+            types = [json.loads(p).get("type") for op, p in frames if op == 1]
+            assert "session.accepted" in types, types
+            ws.abort()
+            assert await d.wait_exit(15) == 0
         finally:
             await d.stop()
             d.kill()

@@ -305,7 +305,8 @@ def test_stats_snapshot_json_and_table():
     snap = s.snapshot()
     text = json.dumps(snap)
     assert json.loads(text) == snap
-    assert set(snap) == {"uptime_s", "counters", "errors", "call_ends", "latency_us"}
+    assert set(snap) == {"uptime_s", "counters", "errors", "call_ends", "tools", "tokens",
+                         "slow_frames", "gc", "latency_us"}
     assert set(snap["counters"]) == set(COUNTERS)
     assert snap["counters"]["frames_up"] == 3 and snap["counters"]["bytes_down"] == 640
     assert snap["errors"] == {"session_expired": 1}

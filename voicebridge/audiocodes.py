@@ -207,6 +207,11 @@ class AcState(enum.Enum):
     ENDED = "ended"                   # session.end received (or socket gone)
 
 
+# the per-frame check reads this global: an enum class attribute (`AcState.ACTIVE`) goes through
+# EnumType.__getattr__ on CPython 3.11, unspecialized (~0.1 µs per read)
+_ACTIVE = AcState.ACTIVE
+
+
 class Malformed(msgspec.Struct):
     """A frame that could not be decoded; `reason` says why, for the log."""
     reason: str
@@ -275,7 +280,7 @@ class AcProtocol:
             return self._bad_frame(frame, str(e))
         except RecursionError:
             return self._malformed("JSON nested too deeply")
-        if type(msg) is UserStreamChunk and self.state is AcState.ACTIVE:
+        if type(msg) is UserStreamChunk and self.state is _ACTIVE:
             return msg
         return self._control(msg)
 
@@ -362,6 +367,24 @@ class AcProtocol:
         self._out.append(encode(SessionError(reason=reason, conversationId=self.conversation_id or None)))
         self.state = AcState.ENDING
 
+    def request_transfer(self, target: str, reason: str) -> None:
+        """Hand the call over (transfer activity): VAIC ends the session (`transferred`), or,
+        with bot-regains-control, reports a failed attempt as a `transferStatus` event and the
+        call goes on: the state stays ACTIVE."""
+        if self.state is AcState.ACTIVE:
+            self.stop_play()
+            params: dict[str, Any] = {"transferTarget": target}
+            if reason:
+                params["handoverReason"] = reason
+            self._out.append(encode(ActivitiesOut(activities=[
+                OutActivity(type="event", name="transfer", activityParams=params)])))
+
+    def send_dtmf(self, digits: str) -> None:
+        """Keypad tones on the line (`sendDtmf`, digits already checked: 0-9 * #, at most 20)."""
+        if self.state is AcState.ACTIVE:
+            self._out.append(encode(ActivitiesOut(activities=[
+                OutActivity(type="event", name="sendDtmf", activityParams={"dtmfDigits": digits})])))
+
     def request_hangup(self, reason: str) -> None:
         """Ask VAIC to end the call (hangup activity, after stopping an open play stream);
         VAIC answers with session.end."""
@@ -397,6 +420,12 @@ class AcProtocol:
     # -- speech reports (VAIC relies on speech.started for its own barge-in)
     def speech_started(self) -> None:
         self._out.append(encode(SpeechStarted(participant=self.participant)))
+
+    def speech_hypothesis(self) -> None:
+        """An empty-text hypothesis at speech start, for VAIC setups whose barge-in reacts to
+        hypotheses rather than speech.started (`call.send_speech_hypothesis`)."""
+        self._out.append(encode(SpeechHypothesis(alternatives=[Alternative(text="")],
+                                                 participant=self.participant)))
 
     def speech_stopped(self) -> None:
         self._out.append(encode(SpeechStopped(participant=self.participant)))

@@ -22,8 +22,13 @@ from typing import Any, Awaitable, Callable, Coroutine
 
 from .config import Config, Secrets
 from .log import exc_fields, get_logger
+from .recording import CallRecorder, for_call
+from .control import RunTool
 from .session import (FORWARDED, CallSession, CloseOpenAI, CloseVaic, Dial, Finished, Log,
-                      Phase, Resume, Upstream)
+                      Phase, Resume, Transcript, Upstream)
+from .transcripts import TranscriptFile
+from .webhooks import default_runner
+from .stalls import NEVER_US, StallWatch
 from .stats import Stats
 from .transport import ConnectFailed, Endpoint, EndpointClosed, Limits, dial
 
@@ -45,8 +50,10 @@ class Call:
 
     def __init__(self, ac_end: Endpoint, cfg: Config, secrets: Secrets, *,
                  dialer: Dialer = dial, call_id: str = "", stats: Stats | None = None,
-                 resumer: Resumer | None = None, admit: Callable[[], bool] | None = None) -> None:
+                 resumer: Resumer | None = None, admit: Callable[[], bool] | None = None,
+                 stalls: StallWatch | None = None) -> None:
         self.ac: Endpoint | None = ac_end
+        self._stalls = stalls    # the daemon's slow-frame watch (stalls.py); None: not watched
         self.up: Endpoint | None = None
         self.cfg = cfg
         self.stats = stats if stats is not None else Stats()
@@ -59,9 +66,13 @@ class Call:
         self.log = get_logger(call_id=call_id) if call_id else get_logger()
         self._log_id = call_id
         self._loop = asyncio.get_running_loop()
+        # [recording]: the wire recorder, None when off (it sets this to None itself once it stops)
+        self.rec: CallRecorder | None = for_call(self, cfg, self.session)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
         self._up_tasks: set[asyncio.Task[None]] = set()
+        self._tool_tasks: set[asyncio.Task[None]] = set()   # webhook tools in flight
+        self._transcript: TranscriptFile | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._finished = False
         self._in_after = False
@@ -119,6 +130,8 @@ class Call:
         self._attached.set()
         if self._timer is not None:
             self._timer.cancel()
+        for task in list(self._tool_tasks):
+            task.cancel()
         for task in list(self._up_tasks):
             if not task.done():
                 task.cancel()
@@ -140,6 +153,10 @@ class Call:
             self.log.info("call.resume_handoff")
         elif sess.end_reason != "validate":   # a connectivity check (call.validate) is no call
             self.log.info("call.end", **sess.end_fields(monotonic_ns()))
+        if self.rec is not None:
+            self.rec.close(sess.end_reason)
+        if self._transcript is not None:
+            self._transcript.close()
         self.done.set()
 
     # ------------------------------------------------------------------ caller -> model
@@ -147,6 +164,7 @@ class Call:
         sess = self.session
         vaic_frame = sess.vaic_frame
         record_up = self.stats.up_forward.record
+        slow_us = self._stalls.frame_us if self._stalls is not None else NEVER_US
         while not self._finished:
             ep = self.ac
             if ep is None:       # detached: waiting for session.resume on a new socket
@@ -158,6 +176,8 @@ class Call:
             except EndpointClosed as e:
                 if self.ac is not ep or self._finished:   # swapped, or we closed it
                     continue
+                if self.rec is not None:
+                    self.rec.note("vaic_closed", code=e.code, cause=e.cause)
                 sess.vaic_lost(e.code, e.cause, monotonic_ns())
                 if sess.vaic_gone and not self._finished:   # kept for a resume
                     self.ac = None
@@ -166,6 +186,9 @@ class Call:
                 continue
             t0 = monotonic_ns()
             out = vaic_frame(frame, t0)
+            rec = self.rec
+            if rec is not None:
+                rec.vaic_in(frame, t0)
             if out is not None:
                 up = self.up
                 if up is not None:
@@ -174,7 +197,13 @@ class Call:
                     except EndpointClosed:   # closing: the OpenAI pump reports it soon; until
                         sess.caller_audio_unsent(out)   # then the audio waits for a new session
                     else:
-                        record_up((monotonic_ns() - t0) // 1000)
+                        us = (monotonic_ns() - t0) // 1000
+                        record_up(us)
+                        if us >= slow_us:
+                            self._slow_frame("up", us, t0)
+                        if rec is not None:
+                            rec.openai_out(out, t0)
+                continue     # a caller chunk it returns is all `vaic_frame` queued
             if sess.to_vaic or sess.to_openai or sess.effects or sess.marks:
                 self._after()
 
@@ -209,6 +238,7 @@ class Call:
         sess = self.session
         openai_frame = sess.openai_frame
         record_down = self.stats.down_forward.record
+        slow_us = self._stalls.frame_us if self._stalls is not None else NEVER_US
         while True:
             try:
                 frame = await up.recv()
@@ -219,15 +249,34 @@ class Call:
             if self.up is not up:    # a replaced session's socket, still draining: not ours
                 continue
             t0 = monotonic_ns()
+            rec = self.rec
+            if rec is not None:
+                rec.openai_in(frame, t0)
             r = openai_frame(frame, t0)
-            self._after()
+            if r == FORWARDED and self._timer is not None and not (
+                    sess.to_openai or sess.effects or sess.marks):
+                # the usual delta: its chunks go out now and nothing else was queued; it moved
+                # no deadline earlier (`CallSession.openai_frame`), so the armed timer stands
+                self._send_all(self.ac, sess.to_vaic, vaic=True)
+            else:
+                self._after()
             if r == FORWARDED:
-                record_down((monotonic_ns() - t0) // 1000)
+                us = (monotonic_ns() - t0) // 1000
+                record_down(us)
+                if us >= slow_us:
+                    self._slow_frame("down", us, t0)
+
+    def _slow_frame(self, direction: str, us: int, t0: int) -> None:
+        """A frame took `slow_frame_ms` or more (rare: off the per-frame path)."""
+        if self._stalls is not None:
+            self._stalls.slow_frame(self.session.call_id, direction, us, t0, monotonic_ns())
 
     def _openai_gone(self, up: Endpoint, e: EndpointClosed) -> None:
         if self.up is up:
             self.up = None
             up.abort()
+        if self.rec is not None:
+            self.rec.note("openai_closed", code=e.code, cause=e.cause)
         self.session.openai_lost(e.code, e.cause, e.reason, monotonic_ns())
         self._after()
 
@@ -261,6 +310,9 @@ class Call:
     def _send_all(self, ep: Endpoint | None, frames: list[str], vaic: bool) -> None:
         try:
             if ep is not None:
+                rec = self.rec
+                if rec is not None:
+                    rec.sent(frames, vaic)
                 for f in frames:
                     ep.send_nowait(f)
         except EndpointClosed:
@@ -292,12 +344,42 @@ class Call:
                 self._close_up(up)
         elif t is CloseVaic:
             pass                 # the VAIC socket is closed last, in _shutdown
+        elif t is Transcript:
+            self._transcribe(eff)
+        elif t is RunTool:
+            if not self._finished:
+                task = self._loop.create_task(default_runner().run(eff, self._tool_done),
+                                              name=f"tool-{eff.name}")
+                self._tool_tasks.add(task)
+                task.add_done_callback(self._tool_tasks.discard)
         elif t is Finished:
             self._finished = True
             self._attached.set()
             ac = self.ac
             if ac is not None:   # wakes the VAIC pump if it is waiting in recv()
                 self._track(self._close_vaic(ac))
+
+    def _tool_done(self, call_id: str, output: str, ok: bool) -> None:
+        if not self._finished:
+            self.session.tool_result(call_id, output, ok, monotonic_ns())
+            self._after()
+
+    def _transcribe(self, eff: Transcript) -> None:
+        """One turn's words: a `call.transcript` log event, and the call's JSONL file when its
+        profile asks for one and `[transcripts] dir` is set."""
+        tc = self.cfg.transcripts
+        self._rebind()
+        self.log.info("call.transcript", role=eff.role, t_ms=eff.at_ms,
+                      text=eff.text if tc.log_text else None, chars=len(eff.text))
+        if not (tc.dir and self.session.profile.transcripts):
+            return
+        try:
+            if self._transcript is None:
+                self._transcript = TranscriptFile(tc.dir, self.session.call_id, self.session.profile.name,
+                                                  tc.retention_days)
+            self._transcript.add(eff.at_ms, eff.role, eff.text)
+        except OSError as e:    # the call goes on; the log still has the words
+            self.log.warning("call.transcript_write_failed", error=str(e)[:200])
 
     def _rebind(self) -> None:
         cid = self.session.call_id
@@ -375,6 +457,8 @@ class Call:
         """session.resume: this call, waiting since its VAIC socket dropped, continues on `new`
         (accepted again; the same OpenAI session)."""
         self.ac = new
+        if self.rec is not None:
+            self.rec.note("vaic_attached")
         self.session.vaic_attached(monotonic_ns())
         self._after()
         self._attached.set()

@@ -21,9 +21,12 @@ from urllib.parse import urlsplit
 import msgspec
 
 from .audio import FORMATS
+from .profiles import McpServer, ProfileConfig, TranscriptsConfig, WebhookTool
+from .profiles import check as check_profiles
 from .transport import TRANSPORTS
 
-SECRET_ENV = ("VOICEBRIDGE_TOKEN", "VOICEBRIDGE_ADMIN_TOKEN", "OPENAI_API_KEY", "AZURE_OPENAI_API_KEY")
+SECRET_ENV = ("VOICEBRIDGE_TOKEN", "VOICEBRIDGE_ADMIN_TOKEN", "OPENAI_API_KEY", "AZURE_OPENAI_API_KEY",
+              "VOICEBRIDGE_WEBHOOK_SECRET")
 _SECRET_KEYS = {"token", "api_key", "apikey", "key", "secret", "password"}
 
 
@@ -38,7 +41,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     allow_unauthenticated: bool = False
     max_message_bytes: int = 1024 * 1024
     ping_interval_s: float = 20.0
-    transport: str = "fast"   # a name in transport.TRANSPORTS
+    transport: str = "picows"   # a name in transport.TRANSPORTS: picows, fast, websockets
     # bounds (README: "Limits and hardening")
     max_calls: int = 400
     max_pending_handshakes: int = 128
@@ -55,6 +58,21 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     admin_host: str = "127.0.0.1"
     admin_port: int = 8081
     metrics_cache_s: float = 1.0
+    # worker processes on the same port (SO_REUSEPORT, supervisor.py): an int, or "auto" for the
+    # CPUs this process may run on; 1 is the plain single process
+    workers: int | str = 1
+    # stalls (stalls.py): a slow_frame line when one frame's path through the bridge takes this
+    # long, a slow_loop line when the loop probe (a timer every loop_probe_ms) runs this late;
+    # 0 turns either off; at most slow_log_max lines of each per slow_log_interval_s
+    slow_frame_ms: float = 10.0
+    slow_loop_ms: float = 20.0
+    loop_probe_ms: float = 25.0
+    slow_log_max: int = 5
+    slow_log_interval_s: float = 60.0
+    # the garbage collector: freeze what exists after start-up (no collection scans it again);
+    # gc_threshold: gc.set_threshold's values ([] keeps CPython's 700, 10, 10)
+    gc_freeze: bool = True
+    gc_threshold: list[int] = msgspec.field(default_factory=list)
 
 
 class VadConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -91,8 +109,10 @@ class OpenAIConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 class AudioConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     format_preference: list[str] = msgspec.field(
         default_factory=lambda: [
-            "raw/lpcm16_24", "raw/mulaw", "wav/lpcm16_24", "wav/mulaw",
-            "raw/lpcm16", "wav/lpcm16", "raw/lpcm16_8", "wav/lpcm16_8",
+            # raw before wav: raw/lpcm16 and raw/lpcm16_8 are seen working with VAIC (a real
+            # Live Hub call), the wav/* framing of streamed chunks is unverified
+            "raw/lpcm16_24", "raw/mulaw", "raw/lpcm16", "raw/lpcm16_8",
+            "wav/lpcm16_24", "wav/mulaw", "wav/lpcm16", "wav/lpcm16_8",
         ]
     )
     playout_lead_ms: int = 200
@@ -111,6 +131,7 @@ class CallConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     initiate_timeout_s: float = 10.0
     idle_timeout_s: float = 60.0
     resume_grace_s: float = 10.0       # a dropped VAIC socket may session.resume within this
+    send_speech_hypothesis: bool = False  # also userStream.speech.hypothesis at speech start
 
 
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -138,6 +159,15 @@ class OAuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     jwks_timeout_s: float = 5.0        # one fetch, connect to last byte
 
 
+class RecordingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Wire-level call recording (recording.py). Off while `dir` is empty; then a profile's
+    `record = true` selects the calls recorded (or `record_all`, every call)."""
+    dir: str = ""                      # absolute path; created 0700 if missing; files are 0600
+    retention_days: float = 7.0        # older files are deleted (at start, then hourly)
+    max_bytes_per_call: int = 128 * 1024 * 1024   # a file is closed at this size
+    record_all: bool = False           # every call, whatever its profile says
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     openai: OpenAIConfig = msgspec.field(default_factory=OpenAIConfig)
@@ -145,6 +175,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     call: CallConfig = msgspec.field(default_factory=CallConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     oauth: OAuthConfig = msgspec.field(default_factory=OAuthConfig)
+    # call control (profiles.py): per-number profiles, the tools they enable, transcripts
+    profiles: dict[str, ProfileConfig] = {}
+    webhooks: dict[str, WebhookTool] = {}
+    mcp: dict[str, McpServer] = {}
+    transcripts: TranscriptsConfig = msgspec.field(default_factory=TranscriptsConfig)
+    recording: RecordingConfig = msgspec.field(default_factory=RecordingConfig)
 
 
 class Secrets(msgspec.Struct, frozen=True):
@@ -154,10 +190,14 @@ class Secrets(msgspec.Struct, frozen=True):
     openai_api_key: str = ""
     azure_api_key: str = ""
     admin_token: str = ""
+    webhook_secret: str = ""                 # VOICEBRIDGE_WEBHOOK_SECRET: Bearer for [webhooks]
+    mcp_tokens: dict[str, str] = {}          # [mcp.<label>].authorization_env's values
 
     def __repr__(self) -> str:
         return (f"Secrets(token={'set' if self.token else 'unset'}, "
                 f"admin_token={'set' if self.admin_token else 'unset'}, "
+                f"webhook_secret={'set' if self.webhook_secret else 'unset'}, "
+                f"mcp_tokens={sorted(self.mcp_tokens)}, "
                 f"openai_api_key={'set' if self.openai_api_key else 'unset'}, "
                 f"azure_api_key={'set' if self.azure_api_key else 'unset'})")
 
@@ -198,6 +238,8 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
 def _find_secret_keys(raw: Mapping[str, Any], prefix: str = "") -> None:
     for key, value in raw.items():
         path = f"{prefix}{key}"
+        if prefix.startswith("webhooks.") and key == "parameters":
+            continue        # a JSON schema: its property names are the tool's, not settings
         if key.lower() in _SECRET_KEYS:
             raise ConfigError(f"{path}: secrets are not read from the config file; "
                               f"set {', '.join(SECRET_ENV)} in the environment instead")
@@ -277,6 +319,65 @@ def _check(cfg: Config, secrets: Secrets) -> None:
     need(cfg.call.hangup_grace_s > 0, "call.hangup_grace_s", "must be > 0")
     need(cfg.call.start_wait_ms >= 0, "call.start_wait_ms", "must be >= 0")
     _check_oauth(cfg.oauth, need)
+    _check_workers(s, need)
+    _check_stalls(s, need)
+    check_profiles(cfg.profiles, cfg.webhooks, cfg.mcp, cfg.openai, need)
+    need(cfg.transcripts.retention_days > 0, "transcripts.retention_days", "must be > 0")
+    from .profiles import for_config    # the resolved profiles (inheritance applied)
+    for name, prof in for_config(cfg).items():
+        need(not prof.record or bool(cfg.recording.dir), f"profiles.{name}.record",
+             "needs [recording] dir (where the recordings are written)")
+        need(not prof.transcripts or bool(cfg.transcripts.dir), f"profiles.{name}.transcripts",
+             "needs [transcripts] dir (where the transcript files are written)")
+    _check_recording(cfg.recording, need)
+    for label, m in cfg.mcp.items():
+        need(not m.authorization_env or bool(secrets.mcp_tokens.get(label)),
+             f"mcp.{label}.authorization_env", f"{m.authorization_env[:64]} is not set in the environment")
+
+
+MAX_WORKERS = 256
+
+
+def worker_count(server: ServerConfig) -> int:
+    """`server.workers` resolved: "auto" is the number of CPUs this process may run on
+    (`os.sched_getaffinity`, which honours taskset and cgroup cpusets), else the integer."""
+    if server.workers == "auto":
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    return int(server.workers)
+
+
+def _check_workers(s: ServerConfig, need: Callable[[bool, str, str], None]) -> None:
+    w = s.workers
+    need(w == "auto" or (isinstance(w, int) and 1 <= w <= MAX_WORKERS), "server.workers",
+         f'must be an integer within 1..{MAX_WORKERS} or "auto", got {str(w)[:40]!r}')
+    if worker_count(s) > 1:   # every worker binds the same ports: port 0 would give each its own
+        need(s.port != 0, "server.port", "must be a fixed port (not 0) when server.workers > 1")
+        need(s.admin_port != 0, "server.admin_port",
+             "must be a fixed port (not 0) or -1 when server.workers > 1")
+
+
+def _check_stalls(s: ServerConfig, need: Callable[[bool, str, str], None]) -> None:
+    need(s.slow_frame_ms == 0 or 0.001 <= s.slow_frame_ms <= 60_000, "server.slow_frame_ms",
+         "must be 0 (off) or within 0.001..60000")
+    need(s.slow_loop_ms == 0 or 1 <= s.slow_loop_ms <= 60_000, "server.slow_loop_ms",
+         "must be 0 (off) or within 1..60000 (the probe's resolution is about 1 ms)")
+    need(s.loop_probe_ms == 0 or 5 <= s.loop_probe_ms <= 60_000, "server.loop_probe_ms",
+         "must be 0 (no probe: no loop lag figures, no slow_loop) or within 5..60000")
+    need(s.slow_loop_ms == 0 or s.loop_probe_ms > 0, "server.slow_loop_ms",
+         "needs the loop probe (server.loop_probe_ms > 0), or 0")
+    need(1 <= s.slow_log_max <= 1000, "server.slow_log_max", "must be within 1..1000")
+    need(0.1 <= s.slow_log_interval_s <= 86_400, "server.slow_log_interval_s", "must be within 0.1..86400")
+    t = s.gc_threshold
+    need(len(t) <= 3 and all(1 <= x <= 10_000_000 for x in t), "server.gc_threshold",
+         "must be [] or 1 to 3 integers within 1..10000000 (gc.set_threshold; 0 would turn the collector off)")
+
+
+def _check_recording(r: RecordingConfig, need: Callable[[bool, str, str], None]) -> None:
+    need(not r.dir or os.path.isabs(r.dir), "recording.dir", f"must be an absolute path, got {r.dir[:100]!r}")
+    need(0 < r.retention_days <= 3650, "recording.retention_days", "must be within (0, 3650]")
+    need(1024 * 1024 <= r.max_bytes_per_call <= 1 << 40, "recording.max_bytes_per_call",
+         "must be within 1 MiB..1 TiB")
+    need(not r.record_all or bool(r.dir), "recording.record_all", "needs recording.dir")
 
 
 def _check_oauth(oa: OAuthConfig, need: Callable[[bool, str, str], None]) -> None:
@@ -307,7 +408,8 @@ def load_secrets(env: Mapping[str, str] | None = None) -> Secrets:
     return Secrets(token=env.get("VOICEBRIDGE_TOKEN", ""),
                    openai_api_key=env.get("OPENAI_API_KEY", ""),
                    azure_api_key=env.get("AZURE_OPENAI_API_KEY", ""),
-                   admin_token=env.get("VOICEBRIDGE_ADMIN_TOKEN", ""))
+                   admin_token=env.get("VOICEBRIDGE_ADMIN_TOKEN", ""),
+                   webhook_secret=env.get("VOICEBRIDGE_WEBHOOK_SECRET", ""))
 
 
 def load_config(path: str | Path | None, env: Mapping[str, str] | None = None,
@@ -344,5 +446,8 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None,
     except msgspec.ValidationError as e:
         raise ConfigError(_path_of(e)) from None
     secrets = load_secrets(env)
+    tokens = {label: env.get(m.authorization_env, "") for label, m in cfg.mcp.items() if m.authorization_env}
+    if tokens:
+        secrets = msgspec.structs.replace(secrets, mcp_tokens=tokens)
     _check(cfg, secrets)
     return cfg, secrets

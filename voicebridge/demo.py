@@ -2,7 +2,8 @@
 
 Everything runs in this process on 127.0.0.1 (no credentials, no network): the fake model
 answers with tones of scripted length, the caller speaks (tones), listens in real time, and
-barges in once. Prints the caller's timeline, turn latencies, the barge-in truncation and the
+barges in once; the agent then says goodbye and ends the call with its `end_call` tool, which
+the bridge carries out only once the goodbye has been played. Prints the caller's timeline, turn latencies, the barge-in truncation and the
 bridge's own call log lines.
 """
 
@@ -18,7 +19,8 @@ import uvloop
 from .config import load_config
 from .log import setup
 from .server import Bridge
-from .sim.caller import BargeIn, CallerConfig, Silence, Speak, WaitForBot, format_timeline, run_call
+from .sim.caller import (BargeIn, CallerConfig, Silence, Speak, WaitForActivity, WaitForBot, format_timeline,
+                         run_call)
 from .sim.fake_openai import FakeOpenAIConfig, FakeRealtimeServer
 
 DEMO_KEY = "demo-openai-key"      # shared only between the in-process fake and the bridge
@@ -34,7 +36,7 @@ async def demo(fmt: str, stop_policy: str) -> int:
         reply_ms=[1800, 3000, 1200], greeting_ms=1500,
         replies=["Sure, our opening hours are nine to five on weekdays.",
                  "Let me explain our three different plans in detail, starting with the basic one",
-                 "The premium plan, then. Anything else?"]))
+                 'The premium plan, then. Thanks for calling, goodbye! @@end_call {"reason": "question answered"}']))
     await fake.start()
     cfg, secrets = load_config(None, env={"VOICEBRIDGE_TOKEN": DEMO_TOKEN, "OPENAI_API_KEY": DEMO_KEY}, overrides={
         "server": {"host": "127.0.0.1", "port": 0, "admin_port": -1},
@@ -42,6 +44,7 @@ async def demo(fmt: str, stop_policy: str) -> int:
                    "greeting": "Greet the caller and offer help.",
                    "instructions": "You are the phone assistant of ACME. The caller dialled {callee}."},
         "audio": {"vaic_stop_policy": stop_policy},
+        "profiles": {"default": {"tools": ["end_call"]}},
     })
     bridge = Bridge(cfg, secrets)
     await bridge.start()
@@ -52,8 +55,8 @@ async def demo(fmt: str, stop_policy: str) -> int:
             url=f"ws://127.0.0.1:{bridge.port}{cfg.server.path}", token=DEMO_TOKEN,
             formats=[fmt], stop_policy=stop_policy,  # type: ignore[arg-type]
             script=[WaitForBot(6000), Speak(1200), WaitForBot(8000), Silence(300),
-                    Speak(1000), BargeIn(after_heard_ms=1200, ms=900), WaitForBot(8000),
-                    Silence(300)]))
+                    Speak(1000), BargeIn(after_heard_ms=1200, ms=900),
+                    WaitForActivity("hangup", 10000), Silence(300)]))
         await fake.wait_closed_all(2.0)
     finally:
         await bridge.stop()
@@ -72,6 +75,14 @@ async def demo(fmt: str, stop_policy: str) -> int:
                   f"({s.received_ms:.0f} ms delivered, lead kept the rest at the bridge)")
     else:
         print("  (no truncation)")
+    print("\nend_call:")
+    hangups = result.activities_named("hangup")
+    for a in hangups:
+        print(f"  the model called end_call; the hangup activity reached VAIC at {a.t_ms:.0f} ms with "
+              f"{a.unplayed_ms:.0f} ms of the goodbye still unplayed and {a.cut_ms:.0f} ms cut "
+              f"(reason {a.activity.get('activityParams', {}).get('hangupReason')})")
+    if not hangups:
+        print("  (no hang-up)")
     print("\nturn latency (caller's speech end -> first bot audio at the caller):")
     for i, t in enumerate(result.turns, 1):
         if t.latency_ms is not None:
@@ -82,11 +93,13 @@ async def demo(fmt: str, stop_policy: str) -> int:
     for line in logbuf.getvalue().splitlines():
         ev = json.loads(line)
         if ev.get("event", "").startswith(("call.start", "call.upstream_ready", "call.barge_in",
-                                           "call.end", "call.upstream_failed")):
+                                           "call.tool_call", "call.hangup", "call.end",
+                                           "call.upstream_failed")):
             ev.pop("timestamp", None)
             print("  " + json.dumps(ev))
-    ok = (result.end_reason == "caller-hangup" and not result.violations
-          and bool(session and session.truncations))
+    ok = (result.end_reason == "bot-hangup" and not result.violations
+          and bool(session and session.truncations)
+          and len(hangups) == 1 and hangups[0].unplayed_ms == 0 and result.cut_ms == 0)
     print(f"\nsummary: format {result.accepted_format}, {len(result.streams)} bot prompts, "
           f"{result.chunks_sent} caller frames sent, {result.chunks_received} bot chunks received, "
           f"violations {len(result.violations)}, ended: {result.end_reason} -> "

@@ -34,6 +34,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from .stalls import metric_families as stall_metric_families
 from .stats import COUNTERS, Stats
 
 __all__ = ["BUCKETS_US", "CONTENT_TYPE", "DaemonInfo", "StatsCollector", "make_registry", "prometheus_text"]
@@ -104,6 +105,17 @@ class StatsCollector(Collector):
         for reason, n in sorted(st.call_ends.items()):
             ends.add_metric([reason], n)
         yield ends
+        tools = CounterMetricFamily(PREFIX + "tool_calls", "function calls by tool and outcome",
+                                    labels=["tool", "outcome"])
+        for key, n in sorted(st.tools.items()):
+            tools.add_metric(key.split("|", 1), n)
+        yield tools
+        tokens = CounterMetricFamily(PREFIX + "tokens", "Realtime tokens used (response.done usage), "
+                                     "by profile and kind", labels=["profile", "kind"])
+        for key, n in sorted(st.tokens.items()):
+            tokens.add_metric(key.split("|", 1), n)
+        yield tokens
+        yield from stall_metric_families(st)   # slow frames/loop ticks, gc runs and time by generation
         yield GaugeMetricFamily(PREFIX + "uptime_seconds", "seconds since the process started",
                                 value=st.uptime_s())
         info = self.info

@@ -60,10 +60,25 @@ class Committed(_Ev, tag="input_audio_buffer.committed"):
     item_id: str = ""
 
 
+class TokenDetails(msgspec.Struct):
+    text_tokens: int = 0
+    audio_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class Usage(msgspec.Struct):
+    """`response.done`'s `usage`: what the response cost."""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    input_token_details: TokenDetails | None = None
+    output_token_details: TokenDetails | None = None
+
+
 class ResponseRef(msgspec.Struct):
     id: str = ""
     status: str | None = None
     status_details: dict[str, Any] | None = None
+    usage: Usage | None = None
 
 
 class ResponseCreated(_Ev, tag="response.created"):
@@ -97,6 +112,37 @@ class InputTranscriptCompleted(_Ev, tag="conversation.item.input_audio_transcrip
     transcript: str = ""
 
 
+class FunctionCallDone(_Ev, tag="response.function_call_arguments.done"):
+    """The model calls a function tool: `arguments` is JSON text (the model's, unchecked)."""
+    response_id: str = ""
+    item_id: str = ""
+    call_id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+class OutputItemDone(_Ev, tag="response.output_item.done"):
+    """Read for server-side MCP calls (`item.type == "mcp_call"`: name, server_label, error)."""
+    response_id: str = ""
+    item: dict[str, Any] = {}
+
+
+class McpCallFailed(_Ev, tag="response.mcp_call.failed"):
+    item_id: str = ""
+
+
+class McpCallInProgress(_Ev, tag="response.mcp_call.in_progress"):
+    item_id: str = ""
+
+
+class McpCallCompleted(_Ev, tag="response.mcp_call.completed"):
+    item_id: str = ""
+
+
+class McpListToolsFailed(_Ev, tag="mcp_list_tools.failed"):
+    item_id: str = ""
+
+
 class Truncated(_Ev, tag="conversation.item.truncated"):
     item_id: str = ""
     audio_end_ms: int = 0
@@ -105,11 +151,13 @@ class Truncated(_Ev, tag="conversation.item.truncated"):
 # Server events the bridge reads but does not act on: decoded to an empty struct (no raise).
 _PASSIVE = (
     "rate_limits.updated", "conversation.item.added", "conversation.item.done",
-    "conversation.item.created", "response.output_item.added", "response.output_item.done",
+    "conversation.item.created", "response.output_item.added",
     "response.content_part.added", "response.content_part.done",
+    "response.mcp_call_arguments.delta", "response.mcp_call_arguments.done",
+    "mcp_list_tools.in_progress", "mcp_list_tools.completed",
     "response.output_audio_transcript.delta", "response.output_text.delta",
     "response.output_text.done", "response.function_call_arguments.delta",
-    "response.function_call_arguments.done", "input_audio_buffer.cleared",
+    "input_audio_buffer.cleared",
     "conversation.item.input_audio_transcription.delta",
     "conversation.item.input_audio_transcription.failed", "conversation.item.deleted",
     "conversation.item.retrieved", "input_audio_buffer.timeout_triggered",
@@ -121,7 +169,8 @@ _passive_structs = tuple(
 _ACTED_ON: tuple[type, ...] = (AudioDelta, SpeechStartedEv, SpeechStoppedEv, Committed,
                                ResponseCreated, ResponseDone, AudioDone, TranscriptDone,
                                InputTranscriptCompleted, Truncated, ErrorEvent, SessionCreated,
-                               SessionUpdated)
+                               SessionUpdated, FunctionCallDone, OutputItemDone, McpCallFailed,
+                               McpListToolsFailed, McpCallInProgress, McpCallCompleted)
 ServerEvent: Any = Union[_ACTED_ON + _passive_structs]  # a runtime union msgspec decodes into
 _decoder = msgspec.json.Decoder(ServerEvent)
 
@@ -190,9 +239,7 @@ def append_template() -> tuple[str, str]:
     return '{"type":"input_audio_buffer.append","audio":"', '"}'
 
 
-def session_update(o: OpenAIConfig, input_format: dict[str, Any], output_format: dict[str, Any],
-                   instructions: str) -> str:
-    """The first `session.update` of a call (a per-call profile is an `OpenAIConfig` too)."""
+def _turn_detection(o: OpenAIConfig) -> dict[str, Any] | None:
     vad = o.vad
     turn: dict[str, Any] | None
     if vad.type == "none":
@@ -207,18 +254,62 @@ def session_update(o: OpenAIConfig, input_format: dict[str, Any], output_format:
         turn = {"type": "semantic_vad", "eagerness": vad.eagerness,
                 "create_response": vad.create_response,
                 "interrupt_response": vad.interrupt_response}
-    audio_in: dict[str, Any] = {"format": input_format, "turn_detection": turn}
+    return turn
+
+
+def session_update(o: OpenAIConfig, input_format: dict[str, Any], output_format: dict[str, Any],
+                   instructions: str, tools: list[dict[str, Any]] | None = None) -> str:
+    """The first `session.update` of a session (a per-call profile is an `OpenAIConfig` too:
+    voice, VAD, transcription come from `o`); `tools` (profiles.tool_definitions) if any."""
+    audio_in: dict[str, Any] = {"format": input_format, "turn_detection": _turn_detection(o)}
     if o.transcription_model:
         audio_in["transcription"] = {"model": o.transcription_model}
     if o.noise_reduction:
         audio_in["noise_reduction"] = {"type": o.noise_reduction}
-    session = {
+    session: dict[str, Any] = {
         "type": "realtime",
         "instructions": instructions,
         "output_modalities": ["audio"],
         "audio": {"input": audio_in, "output": {"format": output_format, "voice": o.voice}},
     }
+    if tools:
+        session["tools"] = tools
+        session["tool_choice"] = "auto"
     return _encoder.encode({"type": "session.update", "session": session}).decode()
+
+
+def profile_update(o: OpenAIConfig, instructions: str, tools: list[dict[str, Any]],
+                   voice: bool) -> str:
+    """The second `session.update` of a call, once the `start` activity chose its profile:
+    instructions, tools, VAD and transcription; the voice only while no audio was produced
+    (`voice`), since the Realtime API cannot change it after that."""
+    audio_in: dict[str, Any] = {"turn_detection": _turn_detection(o),
+                                "transcription": ({"model": o.transcription_model}
+                                                  if o.transcription_model else None),
+                                "noise_reduction": ({"type": o.noise_reduction}
+                                                    if o.noise_reduction else None)}
+    audio: dict[str, Any] = {"input": audio_in}
+    if voice:
+        audio["output"] = {"voice": o.voice}
+    session: dict[str, Any] = {"type": "realtime", "instructions": instructions, "audio": audio,
+                               "tools": tools, "tool_choice": "auto"}
+    return _encoder.encode({"type": "session.update", "session": session}).decode()
+
+
+def function_output(call_id: str, output: Any) -> str:
+    """The one `function_call_output` a function call gets (`output` JSON-encoded here)."""
+    text = output if isinstance(output, str) else _encoder.encode(output).decode()
+    return _encoder.encode({"type": "conversation.item.create",
+                            "item": {"type": "function_call_output", "call_id": call_id,
+                                     "output": text}}).decode()
+
+
+def system_note(text: str) -> str:
+    """A system message item: something the model must know (a keypad entry, a failed
+    transfer, the caller's silence) without the caller having said it."""
+    return _encoder.encode({"type": "conversation.item.create",
+                            "item": {"type": "message", "role": "system",
+                                     "content": [{"type": "input_text", "text": text}]}}).decode()
 
 
 def instructions_update(instructions: str) -> str:

@@ -38,11 +38,11 @@ import resource
 import signal
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from . import __version__, transport
+from . import __version__, recording, transport, webhooks
 from .bounds import clip
 from .call import Call, Dialer, limits_of
 from .procinfo import process_figures
@@ -52,10 +52,14 @@ from .config import Config, Secrets, load_config
 from .log import Throttled, get_logger, install_loop_handler, setup
 from .metrics import CONTENT_TYPE, DaemonInfo, prometheus_text
 from .oauth import JwtValidator
+from .stalls import StallWatch, tune_gc
 from .stats import Stats
 from .systemd import Heartbeat, Notifier
 from .transport import (Conn, Endpoint, Handler, HttpRequest, HttpResponse, Listener,
                         ListenOptions, ProcessRequest, ProcessResponse)
+
+if TYPE_CHECKING:
+    from .worker import WorkerLink
 
 # server.* keys a SIGHUP reload applies at once; the others are bound to the listening sockets
 RELOADABLE_SERVER_KEYS = frozenset({
@@ -112,13 +116,20 @@ class Bridge:
     """The voicebridge server. `async with Bridge(cfg, secrets) as b:` in tests."""
 
     def __init__(self, cfg: Config, secrets: Secrets, *, dialer: Dialer | None = None,
-                 config_path: str | None = None) -> None:
+                 config_path: str | None = None, worker: WorkerLink | None = None) -> None:
         self.cfg = cfg
+        # server.workers > 1: this process is one worker (supervisor.py); its listeners share the
+        # port (SO_REUSEPORT) and /health, /metrics, SIGUSR1 answer for every worker (worker.py)
+        self.worker = worker
         self.secrets = secrets
         self.transport = transport.get(cfg.server.transport)
         self.dialer: Dialer = dialer or self.transport.dial
         self.calls: set[Call] = set()
         self.stats = Stats()
+        sv = cfg.server   # slow frames, loop lag, collector pauses (stalls.py)
+        self.stalls = StallWatch(self.stats, slow_frame_ms=sv.slow_frame_ms, slow_loop_ms=sv.slow_loop_ms,
+                                 loop_probe_ms=sv.loop_probe_ms, log_max=sv.slow_log_max,
+                                 log_interval_s=sv.slow_log_interval_s)
         self.finished: deque[Call] = deque(maxlen=64)   # recent calls, for tests and diagnostics
         self.started_at = time.monotonic()
         self.log = get_logger()
@@ -234,6 +245,8 @@ class Bridge:
         return _response(404, "Not Found", {"error": "not found", "path": clip(path, 100)})
 
     def metrics_text(self) -> bytes:
+        if self.worker is not None:
+            return self.worker.metrics_text()
         now = time.monotonic()
         at, body = self._metrics_cache
         if now - at >= self.cfg.server.metrics_cache_s or not body:
@@ -259,10 +272,16 @@ class Bridge:
                              [("Retry-After", "5")])
         return _response(200, "OK", {"ready": True, "active_calls": len(self.calls)})
 
+    @property
+    def draining(self) -> bool:
+        """True from the first SIGTERM/SIGINT on."""
+        return self._stopping.is_set()
+
     def liveness(self) -> dict[str, Any]:
-        return {"status": "draining" if self._stopping.is_set() else "ok",
+        live = {"status": "draining" if self._stopping.is_set() else "ok",
                 "version": __version__, "active_calls": len(self.calls),
                 "uptime_s": round(time.monotonic() - self.started_at, 1)}
+        return live if self.worker is None else self.worker.liveness(live)
 
     def status_text(self) -> str:
         """The systemd STATUS= line (cheap: called once a second)."""
@@ -273,6 +292,8 @@ class Bridge:
     def health(self) -> dict[str, Any]:
         """Admin /health: liveness, call counts, the latency histograms and `process` (open fds,
         asyncio tasks, RSS KiB: what `python -m bench --soak` checks returns to its start)."""
+        if self.worker is not None:
+            return self.worker.health()
         return {**self.liveness(), "calls_total": self.stats.calls_total,
                 "max_calls": self.max_calls,
                 "latency_us": {name: h.snapshot() for name, h in self.stats.histograms().items()},
@@ -281,6 +302,9 @@ class Bridge:
     def dump_stats(self) -> None:
         """SIGUSR1: all stats as one structured log event, then a human-readable table, one
         `stats.table` line per row (readable in `journalctl` as it is, no `jq` needed)."""
+        if self.worker is not None:
+            self.worker.dump_stats()
+            return
         self.log.info("stats.dump", **self.stats.snapshot())
         for line in self.stats.table().splitlines():
             if line.strip():
@@ -289,8 +313,11 @@ class Bridge:
     # ------------------------------------------------------------------ per connection
     async def _handler(self, end: Endpoint, conn: Conn) -> None:
         self._reserved.discard(conn)
+        # a socket upgraded before the drain began is a call in setup: its session.initiate is
+        # admitted even if it arrives after the signal (the drain waits for that call)
+        admit = self._admit if self._stopping.is_set() else self._admit_in_setup
         call = Call(end, self.cfg, self.secrets, dialer=self.dialer, stats=self.stats,
-                    resumer=self._resume, admit=self._admit)
+                    resumer=self._resume, admit=admit, stalls=self.stalls)
         self.calls.add(call)
         self._no_calls.clear()
         self.stats.calls_active = len(self.calls)
@@ -318,10 +345,13 @@ class Bridge:
     def _waiting(self) -> int:
         return sum(1 for c in self.calls if c.waiting_for_resume)
 
-    def _admit(self) -> bool:
+    def _admit_in_setup(self) -> bool:
+        return self._admit(upgraded_before_drain=True)
+
+    def _admit(self, upgraded_before_drain: bool = False) -> bool:
         """At session.initiate: room for one more call? Calls waiting for their resume count
         here (they hold an OpenAI session), though not at the upgrade, so their resumes get in."""
-        if self._stopping.is_set():     # draining: resumes only, no new calls
+        if self._stopping.is_set() and not upgraded_before_drain:   # draining: no new calls
             return False
         accepted = sum(1 for c in self.calls if c.session.phase is not Phase.INITIATING
                        and c.adopter is None)
@@ -349,7 +379,8 @@ class Bridge:
         opts = ListenOptions(max_size=s.max_message_bytes, ping_interval_s=s.ping_interval_s,
                              close_timeout_s=2.0, handshake_timeout_s=s.handshake_timeout_s,
                              max_pending=max_pending, backlog=s.backlog, limits=limits_of(self.cfg),
-                             server_header=f"voicebridge/{__version__}")
+                             server_header=f"voicebridge/{__version__}",
+                             reuse_port=self.worker is not None)
         return await self.transport.listen(handler, process_request, host, port, opts=opts,
                                            process_response=process_response,
                                            on_refused=self._on_refused)
@@ -366,6 +397,7 @@ class Bridge:
             admin_port = self._admin.sockets[0].getsockname()[1]
         if self._jwt is not None:   # the first JWKS fetch, bounded; a failure is only a warning
             await self._jwt.start()
+        recording.configure(self.cfg.recording)   # [recording]: the directory, a retention check
         self.log.info("server.listening", host=s.host, port=self.port, path=s.path,
                       admin_host=s.admin_host if admin_port is not None else None,
                       admin_port=admin_port, transport=s.transport, max_calls=self.max_calls,
@@ -373,6 +405,7 @@ class Bridge:
                                                     ("oauth", self._jwt is not None)) if on) or "none",
                       version=__version__, openai=self.cfg.openai.provider,
                       openai_endpoint=clip(target(self.cfg.openai, Secrets())[0], 200), model=self.cfg.openai.model)
+        self.stalls.start(asyncio.get_running_loop())   # the collector hook and the loop probe
 
     @property
     def port(self) -> int:
@@ -398,6 +431,9 @@ class Bridge:
             await srv.wait_closed()
         if self._jwt is not None:
             await self._jwt.aclose()
+        await recording.drain(5.0)     # the recordings of the calls that ended are written
+        await webhooks.aclose_default()   # [webhooks]: the pooled HTTP connections
+        self.stalls.stop()
         self.log.info("server.stopped", finished_calls=len(self.finished))
 
     def abort_all(self) -> None:
@@ -448,8 +484,11 @@ class Bridge:
         changed = _changed_keys(old, cfg)
         restart = [k for k in changed if k.split(".")[0] in ("server", "oauth")
                    and k not in RELOADABLE_SERVER_KEYS]
-        if secrets != self.secrets:
+        # the MCP tokens are the same process environment read for the new [mcp.*] labels:
+        # taken with the configuration that names them (a changed variable still needs a restart)
+        if msgspec.structs.replace(secrets, mcp_tokens={}) != msgspec.structs.replace(self.secrets, mcp_tokens={}):
             restart.append("(secrets in the environment)")
+        self.secrets = msgspec.structs.replace(self.secrets, mcp_tokens=secrets.mcp_tokens)
         # what a restart would take stays as it was, so the running listeners, the validator
         # and the config agree
         cfg = msgspec.structs.replace(cfg, oauth=old.oauth, server=msgspec.structs.replace(
@@ -471,12 +510,17 @@ class Bridge:
 
     async def serve_forever(self) -> None:
         await self.start()
+        # the daemon has started: what exists now is frozen out of every later collection
+        tune_gc(self.cfg.server.gc_freeze, self.cfg.server.gc_threshold or None)
+        self.log.info("server.stalls", **self.stalls.settings())
         loop = asyncio.get_running_loop()
         install_loop_handler(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         loop.add_signal_handler(signal.SIGUSR1, self.dump_stats)
+        if self.worker is not None:   # its first snapshot is out before READY reaches the supervisor
+            self.worker.start(self, loop)
         # READY only now: a `systemctl reload` right after it must find the SIGHUP handler
         status = self.status_text()
         self.notifier.ready(status)
@@ -487,6 +531,8 @@ class Bridge:
             await self.shutdown()
         finally:
             self._heartbeat.stop()   # pings on through the bounded shutdown, not after
+            if self.worker is not None:
+                self.worker.stop()
 
     async def _until(self, event: asyncio.Event, timeout_s: float) -> None:
         """Wait for `event`, at most `timeout_s`, and no longer once a second signal came."""

@@ -44,19 +44,22 @@ from typing import Any, Callable, NamedTuple
 import msgspec
 
 from . import audiocodes as ac
+from . import profiles as pf
 from . import realtime as rt
 from .audio import (WAV_HEADER_ON_PLAY_START, NoCommonFormat, Negotiated, Transcoder, b64_decoded_len,
                     make_transcoder, ms_of_b64, negotiate, wav_header)
 from .bounds import ID_CHARS, OnceKeys, clip, clip_list, is_b64
 from .config import Config, Secrets
+from .control import CallControl, RunTool
 from .playout import CHUNK, Playout, Taken, piece_chars, split_b64
-from .stats import Histogram, Stats
+from .stats import TOKEN_KINDS, Histogram, Stats
 
 _LOG_FIRST_N = 5                 # per call, for repeated bad-input log lines
 MAX_RECONNECTS = 10              # per call: a session that keeps dying ends the call
 MAX_TURNS = 40                   # transcripts kept to re-seed a new session (each clipped)
 TURN_CHARS = 2000
 ROTATE_RECHECK_NS = 250_000_000  # rotation is due but no pause yet: look again this often
+TRANSFER_WAIT_S = 30.0           # a fallback transfer: VAIC's session.end or transferStatus within this
 _DECLINE_CLOSE_NS = 2_000_000_000  # after session.error, VAIC closes; if not, we do after this
 NS = 1_000_000_000
 
@@ -98,7 +101,22 @@ class Resume(NamedTuple):
     conversation_id: str
 
 
-Effect = Dial | CloseOpenAI | CloseVaic | Log | Finished | Resume
+class Transcript(NamedTuple):
+    """What was said: `role` "caller" or "agent", `at_ms` since the call began."""
+    role: str
+    text: str
+    at_ms: int
+
+
+Effect = Dial | CloseOpenAI | CloseVaic | Log | Finished | Resume | RunTool | Transcript
+
+
+def hangup_token(reason: str) -> str:
+    """The `hangupReason` VAIC gets (it ends up in the SIP Reason header and call records):
+    a short token; the detail stays in our log."""
+    if reason.startswith("openai_") or reason == "model-unreachable":
+        return "session-expired" if reason == "openai_session_expired" else "model-unreachable"
+    return reason.replace("_", "-")[:40]
 
 BACKOFF_NS = (250_000_000, 500_000_000, 1_000_000_000, 2_000_000_000)  # then 2 s each
 
@@ -117,6 +135,12 @@ class Phase(enum.Enum):
     ACTIVE = "active"           # session.accepted sent
     ENDING = "ending"           # we asked VAIC to hang up (or declined): waiting for it
     ENDED = "ended"             # nothing more happens
+
+
+# Python 3.11's EnumType defines __getattr__, so every `Phase.ACTIVE` read is an unspecialized
+# attribute lookup through a slot wrapper (~850 instructions, ~0.1 µs): the per-frame and
+# per-timer paths compare with this module constant instead (a plain global read).
+_ACTIVE = Phase.ACTIVE
 
 
 class Upstream(enum.Enum):
@@ -193,7 +217,7 @@ VAIC_END_REASONS = {None: "vaic_closed", "closed": "vaic_closed",
 RESUMABLE_CAUSES = (None, "keepalive_timeout", "send_timeout", "send_buffer_full")
 
 # what openai_frame() reports to the shell (for the forward-latency histogram)
-FORWARDED = 1      # a delta whose audio all went to VAIC at once
+FORWARDED = 1      # a delta whose audio all went to VAIC at once (nothing left pending)
 
 
 class CallSession:
@@ -214,6 +238,22 @@ class CallSession:
         self.marks: list[tuple[Histogram, int]] = []
         self.proto = ac.AcProtocol(self.to_vaic)
         self.counters = CallCounters()
+        # the profile: chosen by bot name at session.initiate, final at the `start` activity
+        self.profiles = pf.for_config(cfg)
+        self.profile = self.profiles["default"]
+        self.profile_final = False
+        self.oai = cfg.openai            # the call's OpenAI settings (profiles.openai_settings)
+        self.control = CallControl(self)
+        self._bot = ""
+        self._start_params: dict[str, Any] = {}
+        self._profile_sent = ""          # the profile whose settings the OpenAI session has
+        self._audio_out = False          # the current OpenAI session has produced audio
+        self.stream_reports: deque[float] = deque(maxlen=8)  # ms heard per stopped stream
+        self.play_clock_diffs = 0
+        self._stream_ms = 0.0
+        self._barge_in_off_seen = False
+        self._stopped_while_playing = False
+        self._fallback_transfer = False
         self.phase = Phase.INITIATING
         self.upstream = Upstream.IDLE
         # audio may go to OpenAI (upstream CONFIGURING or READY): kept by `_up`, read per frame
@@ -410,7 +450,7 @@ class CallSession:
         payload = frame[len(self._app_prefix):len(frame) - len(self._app_suffix)]
         self.stats.frames_up -= 1
         self.stats.bytes_up -= b64_decoded_len(payload)
-        if self.cfg.openai.reconnect and self.phase is Phase.ACTIVE and self._neg is not None:
+        if self.oai.reconnect and self.phase is Phase.ACTIVE and self._neg is not None:
             self._buffer_early(payload)
 
     def _bad_audio(self, reason: str) -> None:
@@ -444,7 +484,8 @@ class CallSession:
             self._log("warning", "call.rejected", reason=clip(ev.reason))
             self._decline_close(now_ns)
         elif t is ac.SessionEnd:
-            self._set_end("vaic_session_end", f"{clip(ev.reasonCode, ID_CHARS)} {clip(ev.reason)}".strip())
+            self._set_end("transferred" if ev.reasonCode == "transferred" else "vaic_session_end",
+                          f"{clip(ev.reasonCode, ID_CHARS)} {clip(ev.reason)}".strip())
             self._log("info", "call.session_end", reason_code=clip(ev.reasonCode, ID_CHARS),
                       reason=clip(ev.reason))
             self._go("session_end")
@@ -453,12 +494,23 @@ class CallSession:
             for act in ev.activities:
                 self._activity(act, now_ns)
         elif t is ac.UserStreamStop:
+            if self.playout.open_item is not None:
+                self._stopped_while_playing = True   # barge-in off, or the caller hanging up
             if self._tc is not None and self.up_ready:
                 tail = self._tc.flush_up()  # the resampler's tail of the caller's last words
                 if tail:
                     self.to_openai.append(self._app_prefix + tail + self._app_suffix)
         elif t is ac.UserStreamStart:
-            pass
+            # stopped while the bot played, reopened after it: VAIC's barge-in is off (a
+            # caller hanging up also stops the stream, but never reopens it)
+            if self._stopped_while_playing and not self._barge_in_off_seen:
+                self._barge_in_off_seen = True
+                self.stats.vaic_barge_in_off += 1
+                self._log("warning", "call.vaic_barge_in_off",
+                          hint="VAIC stopped the caller stream while the bot was playing and reopened "
+                               "it afterwards: barge-in is off on the bot connection, so the model "
+                               "cannot hear interruptions; enable it in VoiceAI Connect")
+            self._stopped_while_playing = False
         elif t is ac.UnknownMessage:
             self._log_once(f"unknown:{ev.type}", "call.unknown_message", type=clip(ev.type, ID_CHARS))
         elif t is ac.Malformed:
@@ -472,6 +524,8 @@ class CallSession:
     def _begin(self, init: ac.SessionInitiate, now_ns: int) -> None:
         self.call_id = self.call_id or clip(init.conversationId, ID_CHARS)
         self.caller = clip(init.caller, ID_CHARS)
+        self._bot = clip(init.botName, ID_CHARS)
+        self._use_profile(pf.select(self.profiles, "", self._bot))
         offered = init.supportedMediaFormats
         if not init.expectAudioMessages:
             return self._decline("expectAudioMessages is false: this bot answers with audio "
@@ -498,10 +552,25 @@ class CallSession:
         self._last_audio_ns = now_ns
         self.marks.append((self.stats.call_setup, now_ns))   # initiate -> accepted sent
         self.stats.calls_total += 1
+        self.control.started(now_ns)
         self._log("info", "call.start", conversation_id=self.call_id, caller=self._number(self.caller),
                   bot=clip(init.botName, ID_CHARS), offered=clip_list(offered), format=neg.ac.name,
-                  openai_format=neg.openai_format["type"], passthrough=neg.passthrough)
+                  openai_format=neg.openai_format["type"], passthrough=neg.passthrough,
+                  profile=self.profile.name)
         return None
+
+    def _use_profile(self, p: pf.CallProfile) -> None:
+        self.profile = p
+        self.oai = pf.openai_settings(self.cfg.openai, p, p.instructions)
+
+    def render(self, template: str) -> str:
+        """A profile text with its placeholders filled from this call."""
+        return pf.render(template, {"caller": self.caller, "callee": self.callee, "bot": self._bot,
+                                    "conversation_id": self.call_id, "profile": self.profile.name},
+                         self._start_params)
+
+    def is_active(self) -> bool:
+        return self.phase is Phase.ACTIVE and not self.vaic_gone
 
     def _number(self, number: str) -> str:
         """A caller/callee number as logged: masked when `log.mask_numbers`, keeping the first
@@ -531,13 +600,22 @@ class CallSession:
             params = act.parameters or {}
             self.callee = clip(params.get("callee"), ID_CHARS)
             self.caller = clip(params.get("caller"), ID_CHARS) or self.caller
+            self._start_params = {clip(k, ID_CHARS): v for k, v in list(params.items())[:32]
+                                  if isinstance(k, str)}
+            if self._start_seen:
+                return
             self._start_seen = True
+            was = self.profile.name
+            self._use_profile(pf.select(self.profiles, self.callee, self._bot))
+            self.profile_final = True
+            self.control.profile_chosen()
             self._log("info", "call.start_activity", callee=self._number(self.callee),
-                      caller=self._number(self.caller))
+                      caller=self._number(self.caller), profile=self.profile.name,
+                      profile_changed=self.profile.name != was)
             if self.up_ready:
                 self._after_start()
-        elif name in ("playfinished", "dtmf", "nouserinput"):
-            self._log("debug", "call.activity", name=name, value=clip(act.value))
+        elif self.control.activity(name, act.value, now_ns):
+            pass
         else:
             self._log_once(f"activity:{name}", "call.activity_ignored", name=name)
 
@@ -582,6 +660,7 @@ class CallSession:
                 self.proto.resumed()
                 self._log("info", "call.resumed", gap_ms=round((now_ns - self._detached_ns) / 1e6, 1))
             self._pump(now_ns, False)
+            self.control.check(now_ns)   # what waited for a VAIC socket (a hang-up, an owed response)
         except Exception as e:
             self._internal_error(e, now_ns)
 
@@ -604,14 +683,14 @@ class CallSession:
     def _dial(self, now_ns: int) -> None:
         """The first attempt of a (re)connect: its retries share `openai.connect_budget_s`."""
         self._dial_attempt = 0
-        self._dial_budget_end = now_ns + int(self.cfg.openai.connect_budget_s * NS)
+        self._dial_budget_end = now_ns + int(self.oai.connect_budget_s * NS)
         self._dial_now(now_ns)
 
     def _dial_now(self, now_ns: int) -> None:
         self._up("dial")
         self._dial_attempt += 1
         self._t_dial_ns = now_ns
-        url, headers = rt.target(self.cfg.openai, self.secrets)
+        url, headers = rt.target(self.oai, self.secrets)
         self.effects.append(Dial(url, headers))
 
     def openai_swap(self, now_ns: int) -> None:
@@ -657,13 +736,15 @@ class CallSession:
             self.stats.openai_connect.record(connect_us)
             self.openai_connect_ms = round(connect_us / 1000, 1)
             self._session_seen = 0
-            self._session_deadline = now_ns + int(self.cfg.openai.session_timeout_s * NS)
-            self._rotate_at = now_ns + int(self.cfg.openai.rotate_after_s * NS)
+            self._session_deadline = now_ns + int(self.oai.session_timeout_s * NS)
+            self._rotate_at = now_ns + int(self.oai.rotate_after_s * NS)
             neg = self._neg
             assert neg is not None
             out = self.to_openai
-            out.append(rt.session_update(self.cfg.openai, neg.openai_format, neg.openai_format,
-                                         self._instructions()))
+            out.append(rt.session_update(self.oai, neg.openai_format, neg.openai_format,
+                                         self._instructions(),
+                                         pf.tool_definitions(self.profile, self.secrets.mcp_tokens)))
+            self._profile_sent = self.profile.name if self._start_seen else ""
             replacing, self._replacing = self._replacing, ""
             if replacing:     # the conversation so far, as text, before any new audio
                 for role, text in self._turns:
@@ -686,7 +767,7 @@ class CallSession:
                           early_frames=self.counters.early_buffered)
             if self._start_seen and not replacing:
                 self._after_start()
-            elif self.cfg.openai.greeting and not self._greeted:
+            elif not self._greeted and not self._start_seen:
                 self._greet_deadline = now_ns + self.cfg.call.start_wait_ms * 1_000_000
         except Exception as e:
             self._internal_error(e, now_ns)
@@ -701,7 +782,7 @@ class CallSession:
             return
         how = f" ({cause.replace('_', ' ')})" if cause else ""
         detail = f"code={code}{how} reason={clip(reason, ID_CHARS)}"
-        if self.cfg.openai.reconnect and was in (Upstream.CONFIGURING, Upstream.READY):
+        if self.oai.reconnect and was in (Upstream.CONFIGURING, Upstream.READY):
             self._reconnect(now_ns, "lost", detail)
         else:
             self._fail("openai_closed", detail, now_ns)
@@ -716,6 +797,9 @@ class CallSession:
     def _reconnect(self, now_ns: int, why: str, detail: str) -> None:
         if why != "rotation":             # planned replacements do not use up the budget
             self._reconnects += 1
+            self.stats.openai_reconnects += 1
+        else:
+            self.stats.openai_rotations += 1
         if self._reconnects > MAX_RECONNECTS:
             self._fail("openai_closed", f"{detail} (after {MAX_RECONNECTS} reconnects)", now_ns)
             return
@@ -738,35 +822,48 @@ class CallSession:
             self.playout.push_end(item)
             self._last_pushed_item = ""
         self._session_deadline = self._rotate_at = 0
+        self._audio_out = False
+        self._profile_sent = ""
+        self.control.session_lost()
         self._item_oai_ms.clear()        # its items cannot be truncated in the new session
         self._items_done.clear()
         self._items_truncated.clear()
 
     def _instructions(self) -> str:
-        text = self.cfg.openai.instructions
-        return text.replace("{caller}", self.caller).replace("{callee}", self.callee)
+        return self.render(self.profile.instructions)
 
     def _after_start(self) -> None:
-        o = self.cfg.openai
-        if "{callee}" in o.instructions or "{caller}" in o.instructions:
-            self.to_openai.append(rt.instructions_update(self._instructions()))
+        """The `start` activity chose the final profile: if the session was configured for
+        another one, or before the callee was known, send its settings before any response."""
+        if self._profile_sent != self.profile.name:
+            self.to_openai.append(rt.profile_update(
+                self.oai, self._instructions(), pf.tool_definitions(self.profile, self.secrets.mcp_tokens),
+                voice=not self._audio_out))
+            self._profile_sent = self.profile.name
         self._greet()
 
     def _greet(self) -> None:
         self._greet_deadline = 0
-        if self._greeted or not self.cfg.openai.greeting or not self.up_ready:
+        self.profile_final = True          # start seen, or the wait for it is over
+        greeting = self.profile.greeting
+        if self._greeted or not greeting or not self.up_ready:
             return
         self._greeted = True
-        if self.active_response is not None:   # the caller spoke first and is being answered
-            return
-        self.to_openai.append(rt.response_create(self.cfg.openai.greeting))
+        if self.active_response is not None or self.control.response_requested:
+            return                             # the caller spoke (or keyed) first: being answered
+        self.to_openai.append(rt.response_create(self.render(greeting)))
+        self.control.requested()
 
     def openai_frame(self, frame: str | bytes, now_ns: int) -> int:
         """One frame from OpenAI. Returns FORWARDED for a delta whose audio all went to VAIC
-        at once (the shell then records the down forward latency), else 0."""
+        at once (the shell then records the down forward latency), else 0. A FORWARDED delta
+        never moves `next_deadline_ns()` earlier: nothing is pending, and the idle deadline only
+        moves later; so a shell whose timer is armed may skip re-arming it, when the delta
+        queued nothing but `to_vaic` (tests/sim_driver.py checks this on every timeline)."""
         try:
             ev = rt.decode_server(frame)
             if type(ev) is rt.AudioDelta:
+                self._audio_out = True
                 if ev.response_id != self._last_response:
                     self._first_delta_of_response(ev.response_id, now_ns)
                 if self._on_delta(ev):
@@ -790,9 +887,9 @@ class CallSession:
         """Queue one delta's audio for playout; False when nothing was queued (dropped)."""
         c = self.counters
         c.deltas += 1
-        if ev.response_id in self.cancelled or self.phase is not Phase.ACTIVE:
+        if ev.response_id in self.cancelled or self.phase is not _ACTIVE:
             c.late_deltas_dropped += 1
-            if self.phase is Phase.ACTIVE:   # a late item the caller never heard a bit of
+            if self.phase is _ACTIVE:   # a late item the caller never heard a bit of
                 self._truncate_unheard(clip(ev.item_id, ID_CHARS))
             return False
         neg = self._neg
@@ -839,6 +936,7 @@ class CallSession:
         t = type(ev)
         if t is rt.SpeechStartedEv:
             self._speaking = True
+            self.control.caller_spoke()
             self._barge_in(now_ns)
         elif t is rt.AudioDone:
             if ev.response_id not in self.cancelled and self.phase is Phase.ACTIVE:
@@ -850,15 +948,45 @@ class CallSession:
                 self._pump(now_ns, False)
         elif t is rt.ResponseCreated:
             self.active_response = clip(ev.response.id, ID_CHARS)
+            self.control.response_created(self.active_response)
         elif t is rt.ResponseDone:
             rid = clip(ev.response.id, ID_CHARS)
             if rid == self.active_response:
                 self.active_response = None
+            was_cancelled = rid in self.cancelled
             self.cancelled.discard(rid)
-            if ev.response.status == "failed":
+            status = ev.response.status
+            if status == "failed":
                 self._response_failed(rid, ev.response.status_details, now_ns)
-            elif ev.response.status == "completed":
+            elif status == "completed":
                 self._retried_turn = False
+            if self.phase is Phase.ACTIVE:
+                self.control.response_done(rid, "cancelled" if was_cancelled else status,
+                                           ev.response.usage, now_ns)
+        elif t is rt.FunctionCallDone:
+            if self.phase is Phase.ACTIVE:
+                self.control.function_call(ev, now_ns)
+        elif t is rt.OutputItemDone:
+            item = ev.item
+            if item.get("type") == "mcp_call":
+                err = item.get("error")
+                server = clip(item.get("server_label"), ID_CHARS)
+                self._log("warning" if err else "info", "call.mcp_call", server=server,
+                          tool=clip(item.get("name"), ID_CHARS), ok=not err,
+                          error=clip(str(err), 200) if err else None)
+                self.stats.count_tool(f"mcp:{server}", "error" if err else "ok")
+                if self.phase is Phase.ACTIVE:   # done, whatever its status: no longer running
+                    self.control.mcp_ended(clip(item.get("id"), ID_CHARS), now_ns)
+        elif t is rt.McpCallInProgress:
+            self.control.mcp_started(clip(ev.item_id, ID_CHARS))
+        elif t is rt.McpCallCompleted:
+            if self.phase is Phase.ACTIVE:
+                self.control.mcp_ended(clip(ev.item_id, ID_CHARS), now_ns)
+        elif t is rt.McpCallFailed or t is rt.McpListToolsFailed:
+            self._log("warning", "call.mcp_failed", what=ev.__struct_config__.tag,
+                      item_id=clip(ev.item_id, ID_CHARS))
+            if t is rt.McpCallFailed and self.phase is Phase.ACTIVE:
+                self.control.mcp_ended(clip(ev.item_id, ID_CHARS), now_ns)
         elif t is rt.SpeechStoppedEv:
             self._speaking = False
             self._retried_turn = False
@@ -870,9 +998,11 @@ class CallSession:
                 self.proto.speech_committed()
         elif t is rt.InputTranscriptCompleted:
             if ev.transcript and self.phase is Phase.ACTIVE:
+                text = clip(ev.transcript, TURN_CHARS)
                 if self._vaic_ok:
-                    self.proto.recognition(clip(ev.transcript, TURN_CHARS))
-                self._turns.append(("user", clip(ev.transcript, TURN_CHARS)))
+                    self.proto.recognition(text)
+                self._turns.append(("user", text))
+                self.effects.append(Transcript("caller", text, (now_ns - self.started_ns) // 1_000_000))
         elif t is rt.ErrorEvent:
             self._on_error(ev.error, now_ns)
         elif t is rt.SessionCreated:
@@ -890,8 +1020,10 @@ class CallSession:
         elif t is rt.TranscriptDone:
             self._log("debug", "call.assistant_said", item_id=clip(ev.item_id, ID_CHARS),
                       transcript=clip(ev.transcript))
-            if ev.transcript:
-                self._turns.append(("assistant", clip(ev.transcript, TURN_CHARS)))
+            if ev.transcript and self.phase is Phase.ACTIVE:
+                text = clip(ev.transcript, TURN_CHARS)
+                self._turns.append(("assistant", text))
+                self.effects.append(Transcript("agent", text, (now_ns - self.started_ns) // 1_000_000))
         elif t is rt.OtherEvent:
             self._log_once(f"oai:{clip(ev.type, ID_CHARS)}", "call.openai_unknown_event",
                            type=clip(ev.type, ID_CHARS))
@@ -911,17 +1043,20 @@ class CallSession:
         kind = rt.classify_error(err.code)
         fields = dict(code=code, error_type=clip(err.type, ID_CHARS), message=clip(err.message),
                       param=clip(err.param, ID_CHARS), client_event_id=clip(err.event_id, ID_CHARS))
-        if (err.code in rt.SESSION_ENDING_CODES and self.cfg.openai.reconnect
+        if (err.code in rt.SESSION_ENDING_CODES and self.oai.reconnect
                 and self.phase is Phase.ACTIVE):
             self._log("warning", "call.openai_error", **fields)
             self._replace_session(now_ns, err.code or "session_expired", f"{code}: {clip(err.message, 120)}")
         elif kind == "fatal":
             self._log("error", "call.openai_error_fatal", **fields)
-            self._fail("openai_error", f"{code}: {clip(err.message, 120)}", now_ns)
+            self._fail("openai_error", f"{code}: {clip(err.message, 120)}", now_ns,
+                       token="session-expired" if err.code in rt.SESSION_ENDING_CODES else "")
         elif kind == "benign":
             self._log_first_n(f"oai_err:{code}", "call.openai_error_benign", "info", **fields)
         else:
             self._log_first_n(f"oai_err:{code}", "call.openai_error", **fields)
+        if self.phase is Phase.ACTIVE:
+            self.control.error_seen(now_ns)
 
     def _response_failed(self, rid: str, details: Any, now_ns: int) -> None:
         """`response.done` with status failed: never a silent turn. Transient: one retry of the
@@ -937,6 +1072,7 @@ class CallSession:
         elif not self._retried_turn and self.up_ready and self.phase is Phase.ACTIVE:
             self._retried_turn = True
             self.to_openai.append(rt.response_retry())
+            self.control.requested()
             self._log("info", "call.response_retry", code=code)
         else:
             self._fail("openai_response_failed", f"{code}: the retry failed too", now_ns)
@@ -966,9 +1102,11 @@ class CallSession:
             return
         if not self.vaic_gone:
             self.proto.speech_started()
+            if self.cfg.call.send_speech_hypothesis:
+                self.proto.speech_hypothesis()
         if self.active_response is not None:
             self.cancelled.add(self.active_response)
-            if not self.cfg.openai.vad.interrupt_response and self.up_ready:
+            if not self.oai.vad.interrupt_response and self.up_ready:
                 self.to_openai.append(rt.response_cancel())
         self._interrupt(now_ns, speech=True)
 
@@ -991,8 +1129,11 @@ class CallSession:
         if self._tc is not None:
             self._tc.reset_down()
         self._last_pushed_item = ""
-        if self.proto.stop_play() and speech:
-            self.marks.append((self.stats.barge_in, now_ns))
+        if self.proto.stop_play():
+            self.stream_reports.append(min(intr.heard_ms, intr.sent_ms))
+            self.control.stream_stopped(now_ns)
+            if speech:
+                self.marks.append((self.stats.barge_in, now_ns))
         for item in dict.fromkeys(queued):      # queued behind the playing item: never heard
             if item != intr.item_id and item in self._item_oai_ms:
                 self._truncate_unheard(item)
@@ -1024,7 +1165,7 @@ class CallSession:
         po = self.playout
         now = now_ns / NS
         pacer_late = self.stats.pacer_late
-        while self.phase is Phase.ACTIVE and not self.vaic_gone:
+        while self.phase is _ACTIVE and not self.vaic_gone:
             due = po.due(now)
             if due is None or due > now:
                 break
@@ -1034,13 +1175,16 @@ class CallSession:
 
     def _emit(self, tk: Taken, now_ns: int) -> None:
         proto = self.proto
-        if tk.stop_first:
-            proto.stop_play()
+        if tk.stop_first and proto.stop_play():
+            self.stream_reports.append(self._stream_ms)   # played out, all of it
+            self.control.stream_stopped(now_ns)
         if tk.entry.kind != CHUNK:
             return
         if tk.start:
             proto.start_play()
             self.counters.play_streams += 1
+            self._stream_ms = 0.0
+        self._stream_ms += tk.entry.ms
         payload = tk.entry.payload
         proto.play_chunk(payload)
         self.counters.frames_down += 1
@@ -1056,15 +1200,15 @@ class CallSession:
         """When `timer` must run next (monotonic ns), or None. Only the deadlines `_timer`
         acts on in the current phase count (a stale one would make the shell spin)."""
         phase = self.phase
-        if phase is Phase.INITIATING:
-            return self._initiate_deadline
-        if phase is Phase.ENDING:
-            return self._close_deadline or None
-        if phase is Phase.ENDED:
-            return None
+        if phase is not _ACTIVE:
+            if phase is Phase.INITIATING:
+                return self._initiate_deadline
+            if phase is Phase.ENDING:
+                return self._close_deadline or None
+            return None          # ENDED
         best = 0
         for d in (self._greet_deadline, self._session_deadline, self._idle_deadline(),
-                  self._redial_at, self._rotate_at, self._resume_deadline):
+                  self._redial_at, self._rotate_at, self._resume_deadline, self.control.deadline()):
             if d and (not best or d < best):
                 best = d
         if self.playout.pending and not self.vaic_gone:   # detached: nothing can be sent
@@ -1077,7 +1221,7 @@ class CallSession:
         return best or None
 
     def _idle_deadline(self) -> int:
-        if self.phase is not Phase.ACTIVE or self.vaic_gone:
+        if self.phase is not _ACTIVE or self.vaic_gone:
             return 0
         quiet_from = max(self._last_audio_ns, int(self.playout.play_end_t * NS))
         return quiet_from + self._idle_ns
@@ -1090,20 +1234,19 @@ class CallSession:
             self._internal_error(e, now_ns)
 
     def _timer(self, now_ns: int) -> None:
-        if self.phase is Phase.INITIATING:
-            if now_ns >= self._initiate_deadline:
-                wait_s = self.cfg.call.initiate_timeout_s
-                self._set_end("no_initiate", f"no session.initiate within {wait_s:g} s")
-                self._go("timeout")
-                self._end_now()
-            return
-        if self.phase is Phase.ENDING:
-            if self._close_deadline and now_ns >= self._close_deadline:
-                self._close_deadline = 0
-                self._go("timeout")
-                self._end_now()
-            return
-        if self.phase is not Phase.ACTIVE:
+        phase = self.phase
+        if phase is not _ACTIVE:
+            if phase is Phase.INITIATING:
+                if now_ns >= self._initiate_deadline:
+                    wait_s = self.cfg.call.initiate_timeout_s
+                    self._set_end("no_initiate", f"no session.initiate within {wait_s:g} s")
+                    self._go("timeout")
+                    self._end_now()
+            elif phase is Phase.ENDING:
+                if self._close_deadline and now_ns >= self._close_deadline:
+                    self._close_deadline = 0
+                    self._go("timeout")
+                    self._end_now()
             return
         if self._resume_deadline and now_ns >= self._resume_deadline:
             self._resume_deadline = 0
@@ -1120,11 +1263,14 @@ class CallSession:
         if self._rotate_at and now_ns >= self._rotate_at:
             if self._pause(now_ns):
                 self._log("info", "call.openai_rotating",
-                          after_s=self.cfg.openai.rotate_after_s)
+                          after_s=self.oai.rotate_after_s)
                 self._replace_session(now_ns, "rotation", "rotate_after_s")
             else:
                 self._rotate_at = now_ns + ROTATE_RECHECK_NS
         self._pump(now_ns, True)
+        self.control.timer(now_ns)
+        if self.phase is not Phase.ACTIVE:
+            return
         if self._greet_deadline and now_ns >= self._greet_deadline:
             self._greet()
         if self._session_deadline and now_ns >= self._session_deadline:
@@ -1133,7 +1279,7 @@ class CallSession:
                 missing = " and ".join(n for bit, n in ((1, "session.created"), (2, "session.updated"))
                                        if not self._session_seen & bit)
                 self._fail("openai_no_session",
-                           f"no {missing} within {self.cfg.openai.session_timeout_s:g} s", now_ns)
+                           f"no {missing} within {self.oai.session_timeout_s:g} s", now_ns)
                 return
         idle = self._idle_deadline()
         if idle and now_ns >= idle and not self.playout.pending:
@@ -1142,7 +1288,8 @@ class CallSession:
                        "call.idle_timeout")
 
     # ================================================================== ending
-    def _fail(self, reason: str, detail: str, now_ns: int, event: str = "call.upstream_failed") -> None:
+    def _fail(self, reason: str, detail: str, now_ns: int, event: str = "call.upstream_failed",
+              token: str = "") -> None:
         """The call cannot go on: never leave the caller in dead air. Hang up (with a reason);
         close the OpenAI socket at once (useless now, and billed)."""
         if self.phase is not Phase.ACTIVE:
@@ -1151,9 +1298,46 @@ class CallSession:
             return
         self._set_end(reason, detail)
         self._log("warning", event, reason=reason, detail=clip(detail))
-        self._hang_up(reason, detail, now_ns)
+        fb = self.profile.fallback
+        if (reason.startswith("openai_") and fb.startswith("transfer:") and not self.vaic_gone
+                and not self._fallback_transfer):
+            target = self.profile.transfer_targets[fb[9:]]
+            self._fallback_transfer = True
+            self._log("warning", "call.fallback_transfer", target=fb[9:], uri=target.uri)
+            self.playout.interrupt(now_ns / NS)
+            self.proto.request_transfer(target.uri, "model-unreachable")
+            self._go("hangup")
+            # a transfer rings before it fails or succeeds: wait longer than for a hang-up
+            wait_s = max(self.cfg.call.hangup_grace_s, TRANSFER_WAIT_S)
+            self._close_deadline = now_ns + int(wait_s * NS)
+            self._close_openai()
+            return
+        self._hang_up(reason, detail, now_ns, token)
 
-    def _hang_up(self, reason: str, detail: str, now_ns: int) -> None:
+    def hang_up_now(self, token: str, detail: str, now_ns: int) -> None:
+        """Call control ends the call (end_call, max duration, no input): `token` is the
+        hangupReason (and, with '_', the call.end reason)."""
+        if self.phase is not Phase.ACTIVE:
+            return
+        self._set_end(token.replace("-", "_"), detail)
+        self._log("info", "call.hangup", reason=token, detail=clip(detail))
+        self._hang_up(token, detail, now_ns)
+
+    def transfer_failed(self, now_ns: int) -> None:
+        """VAIC reports a failed transfer: after a fallback transfer (the model is gone) the
+        call can only be hung up."""
+        if self._fallback_transfer and self.phase is Phase.ENDING:
+            self.proto.request_hangup("model-unreachable")
+
+    def tool_result(self, call_id: str, output: str, ok: bool, now_ns: int) -> None:
+        """The shell's answer to a `RunTool` effect."""
+        try:
+            if self.phase is Phase.ACTIVE:
+                self.control.tool_result(call_id, output, ok, now_ns)
+        except Exception as e:
+            self._internal_error(e, now_ns)
+
+    def _hang_up(self, reason: str, detail: str, now_ns: int, token: str = "") -> None:
         self._greet_deadline = self._session_deadline = self._resume_deadline = 0
         if self.phase is Phase.ACTIVE and self.vaic_gone:   # no VAIC socket to hang up on
             self._go("vaic_lost")
@@ -1161,7 +1345,7 @@ class CallSession:
             return
         if self.phase is Phase.ACTIVE:
             self.playout.interrupt(now_ns / NS)
-            self.proto.request_hangup(clip(f"{reason}: {detail}"))
+            self.proto.request_hangup(token or hangup_token(reason))
             self._go("hangup")
             self._close_deadline = now_ns + int(self.cfg.call.hangup_grace_s * NS)
         self._close_openai()
@@ -1202,4 +1386,7 @@ class CallSession:
                     early_dropped=c.early_dropped, playout_refused=c.playout_refused,
                     openai_errors=c.openai_errors, bad_frames_in=c.bad_frames_in,
                     openai_connect_ms=self.openai_connect_ms,
-                    openai_session_id=self.openai_session_id, openai_sessions=self.openai_sessions)
+                    openai_session_id=self.openai_session_id, openai_sessions=self.openai_sessions,
+                    profile=self.profile.name, tool_calls=self.control.tool_calls,
+                    **{f"usage_{k}": n for k, n in zip(TOKEN_KINDS, self.control.tokens)},
+                    play_clock_checks=self.play_clock_diffs)

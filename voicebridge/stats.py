@@ -290,6 +290,9 @@ HISTOGRAMS: dict[str, str] = {
     "barge_in": "speech_started received -> playStream.stop sent",
     "openai_connect": "dial start -> OpenAI socket open",
     "call_setup": "session.initiate received -> session.accepted sent",
+    "play_clock_diff": "|our playout clock - VAIC's playFinished playedDurationMS| per play stream",
+    "gc_pause": "one garbage collection (any generation), start to stop: the loop is held meanwhile",
+    "loop_lag": "event-loop probe timer (every server.loop_probe_ms): how late it ran",
 }
 
 # name -> help. calls_active is a level (gauge); the rest only ever increase.
@@ -307,7 +310,12 @@ COUNTERS: dict[str, str] = {
     "barge_ins": "barge-ins handled",
     "late_deltas_dropped": "deltas of cancelled responses dropped",
     "early_audio_dropped": "early caller frames dropped (buffer bound)",
+    "vaic_barge_in_off": "calls where VAIC stopped the caller stream while the bot played (barge-in off)",
+    "openai_reconnects": "OpenAI sessions replaced mid-call after a loss (socket lost, session expired)",
+    "openai_rotations": "OpenAI sessions replaced mid-call on purpose (openai.rotate_after_s)",
 }
+
+TOKEN_KINDS = ("input_audio", "input_text", "input_cached", "output_audio", "output_text")
 
 
 class Stats:
@@ -319,7 +327,9 @@ class Stats:
     reasons. `started` is `time.monotonic()` at creation.
     """
 
-    __slots__ = (*HISTOGRAMS, *COUNTERS, "errors", "call_ends", "started", "dial_fail_streak",
+    __slots__ = (*HISTOGRAMS, *COUNTERS, "errors", "call_ends", "tools", "tokens",
+                 "slow_frames", "gc_collections", "gc_time_us", "started",
+                 "dial_fail_streak",
                  "dial_fail_since_ns", "dial_fail_last_ns")
 
     up_forward: Histogram
@@ -330,6 +340,9 @@ class Stats:
     barge_in: Histogram
     openai_connect: Histogram
     call_setup: Histogram
+    play_clock_diff: Histogram
+    gc_pause: Histogram
+    loop_lag: Histogram
     calls_total: int
     calls_active: int
     calls_rejected: int
@@ -343,8 +356,16 @@ class Stats:
     barge_ins: int
     late_deltas_dropped: int
     early_audio_dropped: int
+    vaic_barge_in_off: int
+    openai_reconnects: int
+    openai_rotations: int
     errors: dict[str, int]
     call_ends: dict[str, int]
+    tools: dict[str, int]        # "tool|outcome" -> calls (outcome: ok, error, timeout, ...)
+    tokens: dict[str, int]       # "profile|kind" -> tokens, kind in TOKEN_KINDS
+    slow_frames: dict[str, int]  # stalls.py: "forward" (slow_frame), "loop" (slow_loop) -> count
+    gc_collections: dict[str, int]   # stalls.py: generation "0".."2" -> collections
+    gc_time_us: dict[str, int]       # stalls.py: generation -> µs spent in its collections
     started: float
     dial_fail_streak: int        # OpenAI dials failed in a row, daemon-wide (0 after a success)
     dial_fail_since_ns: int      # monotonic ns of the first failure of that streak
@@ -357,6 +378,11 @@ class Stats:
             setattr(self, name, 0)
         self.errors = {}
         self.call_ends = {}
+        self.tools = {}
+        self.tokens = {}
+        self.slow_frames = {"forward": 0, "loop": 0}
+        self.gc_collections = {"0": 0, "1": 0, "2": 0}
+        self.gc_time_us = {"0": 0, "1": 0, "2": 0}
         self.started = time.monotonic()
         self.dial_fail_streak = 0
         self.dial_fail_since_ns = 0
@@ -398,6 +424,28 @@ class Stats:
             code = "other"
         errors[code] = errors.get(code, 0) + 1
 
+    def count_tool(self, tool: str, outcome: str) -> None:
+        """One more function call of `tool` that ended with `outcome` (at most 256 keys: tool
+        names come from the model)."""
+        key = f"{tool}|{outcome}"
+        if key not in self.tools and len(self.tools) >= 256:
+            key = f"other|{outcome}"
+        self.tools[key] = self.tools.get(key, 0) + 1
+
+    def count_tokens(self, profile: str, usage: Any) -> None:
+        """Add one `response.done`'s usage (realtime.Usage) to the profile's token counters."""
+        i, o = usage.input_token_details, usage.output_token_details
+        if i is not None:
+            vals = (i.audio_tokens, i.text_tokens, i.cached_tokens)
+        else:
+            vals = (0, usage.input_tokens, 0)
+        outs = (o.audio_tokens, o.text_tokens) if o is not None else (0, usage.output_tokens)
+        tokens = self.tokens
+        for kind, n in zip(TOKEN_KINDS, (*vals, *outs)):
+            if n:
+                key = f"{profile}|{kind}"
+                tokens[key] = tokens.get(key, 0) + n
+
     def count_call_end(self, reason: str) -> None:
         """One more call ended for `reason`."""
         self.call_ends[reason] = self.call_ends.get(reason, 0) + 1
@@ -413,6 +461,10 @@ class Stats:
                 "counters": self.counters(),
                 "errors": dict(self.errors),
                 "call_ends": dict(self.call_ends),
+                "tools": dict(self.tools),
+                "tokens": dict(self.tokens),
+                "slow_frames": dict(self.slow_frames),
+                "gc": {"collections": dict(self.gc_collections), "time_us": dict(self.gc_time_us)},
                 "latency_us": {name: h.snapshot() for name, h in self.histograms().items()}}
 
     def table(self) -> str:
@@ -429,7 +481,10 @@ class Stats:
         width = max(len(n) for n in COUNTERS)
         lines.append(f"{'uptime_s':<{width}}  {self.uptime_s():.1f}")
         lines.extend(f"{name:<{width}}  {value}" for name, value in self.counters().items())
-        for title, d in (("openai errors", self.errors), ("call ends", self.call_ends)):
+        for title, d in (("openai errors", self.errors), ("call ends", self.call_ends),
+                         ("tool calls", self.tools), ("tokens", self.tokens),
+                         ("slow frames", self.slow_frames), ("gc collections", self.gc_collections),
+                         ("gc time (us)", self.gc_time_us)):
             if d:
                 lines.append(f"{title}:")
                 lines.extend(f"  {k}  {v}" for k, v in sorted(d.items()))
