@@ -128,10 +128,17 @@ class CallControl:
             self._limit_at = self._limit_hard = 0
 
     def deadline(self) -> int:
+        """The earliest deadline of call control (0: none). Read at every re-arm of the call's
+        timer, so the common case (nothing waits) returns at the first test."""
+        if not (self._dtmf_deadline or self._limit_at or self._limit_hard or self._after
+                or self._tool_deadline):
+            return 0
         best = 0
-        for d in (self._dtmf_deadline, self._limit_at, self._limit_hard, self._after_deadline(),
-                  *(d for d, _ in self._tool_deadline.values())):
+        for d in (self._dtmf_deadline, self._limit_at, self._limit_hard, self._after_deadline()):
             if d and (not best or d < best):
+                best = d
+        for d, _ in self._tool_deadline.values():
+            if not best or d < best:
                 best = d
         return best
 
