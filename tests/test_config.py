@@ -79,3 +79,13 @@ def test_raw_formats_come_before_wav_by_default_and_in_the_shipped_file():
         i for i, f in enumerate(pref) if f.startswith("wav/"))
     shipped, _ = load_config(Path(__file__).parent.parent / "config.toml", env={"VOICEBRIDGE_TOKEN": "t"})
     assert shipped.audio.format_preference == pref
+
+
+def test_the_commented_call_control_example_in_config_toml_is_valid():
+    text = (ROOT / "config.toml").read_text()
+    block = text[text.index("# Call control"):]
+    lines = [ln[2:] if ln.startswith("# ") else ("" if ln.startswith("#") else ln)
+             for ln in block.splitlines()[2:]]
+    body = "\n".join(lines).split("\n[mcp.crm]")[0]      # MCP needs its token in the environment
+    cfg, _ = load_config(None, env={"VOICEBRIDGE_TOKEN": "t"}, overrides=__import__("tomllib").loads(body))
+    assert set(cfg.profiles) == {"default", "sales"} and "order_status" in cfg.webhooks
