@@ -185,26 +185,26 @@ def _validate(s: WorkerSnapshot) -> None:
             raise SnapshotError(f"histogram {name[:40]!r}: a negative bucket count")
 
 
+def _decode_bounded(data: bytes, decoder: Any, what: str, article: str) -> Any:
+    """`decoder.decode(data)`, refusing more than MAX_SNAPSHOT_BYTES; SnapshotError on failure."""
+    if len(data) > MAX_SNAPSHOT_BYTES:
+        raise SnapshotError(f"{what} of {len(data)} bytes, more than {MAX_SNAPSHOT_BYTES}")
+    try:
+        return decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise SnapshotError(f"not {article}: {str(e)[:200]}") from None
+
+
 def decode_snapshot(data: bytes) -> WorkerSnapshot:
     """A worker's snapshot from `encode`'s bytes; SnapshotError if it is unusable."""
-    if len(data) > MAX_SNAPSHOT_BYTES:
-        raise SnapshotError(f"snapshot of {len(data)} bytes, more than {MAX_SNAPSHOT_BYTES}")
-    try:
-        s = _snapshot_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise SnapshotError(f"not a worker snapshot: {str(e)[:200]}") from None
+    s: WorkerSnapshot = _decode_bounded(data, _snapshot_decoder, "snapshot", "a worker snapshot")
     _validate(s)
     return s
 
 
 def decode_state(data: bytes) -> DaemonState:
     """The supervisor's state from `encode`'s bytes; SnapshotError if it is unusable."""
-    if len(data) > MAX_SNAPSHOT_BYTES:
-        raise SnapshotError(f"state of {len(data)} bytes, more than {MAX_SNAPSHOT_BYTES}")
-    try:
-        st = _state_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise SnapshotError(f"not a supervisor state: {str(e)[:200]}") from None
+    st: DaemonState = _decode_bounded(data, _state_decoder, "state", "a supervisor state")
     if st.retired is not None:
         _validate(st.retired)
     if not (len(st.live_gen) == len(st.restarts) == st.workers):
