@@ -114,8 +114,8 @@ Effect = Dial | CloseOpenAI | CloseVaic | Log | Finished | Resume | RunTool | Tr
 def hangup_token(reason: str) -> str:
     """The `hangupReason` VAIC gets (it ends up in the SIP Reason header and call records):
     a short token; the detail stays in our log."""
-    if reason.startswith("openai_") or reason == "model-unreachable":
-        return "session-expired" if reason == "openai_session_expired" else "model-unreachable"
+    if reason.startswith("openai_"):   # an expired session passes its own token (_on_error)
+        return "model-unreachable"
     return reason.replace("_", "-")[:40]
 
 BACKOFF_NS = (250_000_000, 500_000_000, 1_000_000_000, 2_000_000_000)  # then 2 s each
